@@ -1,0 +1,19 @@
+"""moma_plugin: modality-aware sparse architectures (MoMa) for Megatron-Core pretraining jobs."""
+
+from .args import add_moma_args, moma_config_from_args
+from .attention import SDPACoreAttention
+from .block import MoMaTransformerBlock
+from .config import ExpertGroup, MoMaConfig, expert_capacity, parse_expert_groups
+from .layer import MoMaTransformerLayer, MoMaTransformerLayerSubmodules
+from .layout import ModalityLayout, build_modality_layout, modality_ids_from_tokens
+from .metrics import collect_routing_metrics
+from .model import MoMaGPTModel
+from .moma_mlp import MoMaMLP, MoMaMLPSubmodules
+from .specs import (
+    get_moma_decoder_block_spec,
+    get_moma_layer_spec,
+    moma_layer_spec,
+    transformer_engine_available,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""MoMaConfig: Megatron's TransformerConfig plus the fields of modality-aware experts.
+
+Expert groups are written as in the MoMa paper: ``4t4i`` is four text experts and four image experts,
+``8x`` is eight experts shared by every modality, ``dense`` keeps Megatron's plain MLP. A letter names the
+modality whose name starts with it, so ``4t4i2s`` works once ``moma_modalities`` holds "speech".
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+SHARED_GROUP = "shared"  # name of the one group of an ``Nx`` layout, which serves every modality
+_GROUP_PATTERN = re.compile(r"(\d+)([a-z])")
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """Experts that route among the tokens of ``modalities`` (one modality, or all for ``Nx``)."""
+
+    name: str
+    num_experts: int
+    modalities: Tuple[int, ...]  # modality ids whose tokens this group routes
+
+
+def parse_expert_groups(spec: str, modalities: Tuple[str, ...]) -> List[ExpertGroup]:
+    """Parses ``"4t4i"`` / ``"8x"`` into expert groups ordered by modality id; ``"dense"`` gives none.
+
+    Raises ValueError with the accepted forms when the string does not parse.
+    """
+    spec = spec.strip().lower()
+    if spec == "dense":
+        return []
+    shared = re.fullmatch(r"(\d+)x", spec)
+    if shared:
+        count = int(shared.group(1))
+        if count < 1:
+            raise ValueError(f"moma_experts={spec!r}: an Nx layout needs N >= 1, e.g. '8x'.")
+        return [ExpertGroup(SHARED_GROUP, count, tuple(range(len(modalities))))]
+
+    letters = {name[0]: index for index, name in enumerate(modalities)}
+    if len(letters) != len(modalities):
+        raise ValueError(
+            f"moma_modalities={modalities} has two names with the same first letter; "
+            "rename one so that each expert-group letter names exactly one modality."
+        )
+    pieces = _GROUP_PATTERN.findall(spec)
+    if not pieces or "".join(count + letter for count, letter in pieces) != spec:
+        raise ValueError(
+            f"moma_experts={spec!r} does not parse. Use counts followed by modality letters "
+            f"({', '.join(f'{n[0]}={n}' for n in modalities)}), e.g. '4t4i' or '7t1i'; "
+            "'8x' for experts shared by all modalities; or 'dense'."
+        )
+    counts: Dict[int, int] = {}
+    for count, letter in pieces:
+        if letter not in letters:
+            raise ValueError(
+                f"moma_experts={spec!r} names modality letter {letter!r}, but moma_modalities is "
+                f"{modalities}. Add that modality to moma_modalities or drop it from moma_experts."
+            )
+        modality = letters[letter]
+        if modality in counts:
+            raise ValueError(f"moma_experts={spec!r} names modality {modalities[modality]!r} twice.")
+        if int(count) < 1:
+            raise ValueError(f"moma_experts={spec!r}: every group needs at least one expert.")
+        counts[modality] = int(count)
+    missing = [modalities[m] for m in range(len(modalities)) if m not in counts]
+    if missing:
+        raise ValueError(
+            f"moma_experts={spec!r} gives no experts to {missing}; every modality in moma_modalities "
+            f"{modalities} needs a group (e.g. '1{missing[0][0]}')."
+        )
+    return [ExpertGroup(modalities[m], counts[m], (m,)) for m in sorted(counts)]
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens each expert of a group takes: ``k_e = ceil(b^M * factor / |E^M|)``, at most ``b^M``."""
+    return min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts))
+
+
+@dataclass
+class MoMaConfig(TransformerConfig):
+    """TransformerConfig with modality-aware expert-choice MoE fields (see README, "Configuration")."""
+
+    moma_experts: str = "4t4i"
+    """Expert groups: '4t4i', '7t1i', '4t4i2s', '8x' (shared by all modalities) or 'dense'."""
+
+    moma_modalities: Tuple[str, ...] = ("text", "image")
+    """Modality names; a token's modality id indexes this tuple."""
+
+    moma_capacity_factor: float = 1.0
+    """Expert j of group M takes ceil(b^M * factor / |E^M|) tokens of the micro-batch (paper: 1)."""
+
+    moma_router_fp32: bool = True
+    """Compute router logits and sigmoid scores in float32 even under bf16/fp16."""
+
+    moma_router_gumbel_noise: bool = False
+    """Gumbel-sigmoid noise sigmoid(logit + G' - G'') on router logits while training (upcycling)."""
+
+    moma_force_balanced_routing: bool = False
+    """Debug/benchmark switch: expert j takes its group's tokens j, j+E, j+2E, ... regardless of
+    scores, so every expert gets the same load. The sigmoid scores still weight the outputs."""
+
+    moma_vocab_ranges: Optional[Dict[str, Tuple[int, int]]] = None
+    """Token-id ranges [start, end) per modality, e.g. {'image': (8192, 16384)}; tokens outside every
+    range belong to the first modality. Lets MoMaGPTModel derive modality ids from token ids."""
+
+    moma_post_norm: bool = False
+    """Chameleon-style res-post-norm: h = x + Norm(f(x)) instead of Megatron's pre-norm."""
+
+    moma_expert_execution: str = "grouped"
+    """'grouped' (torch._grouped_mm, or padded bmm where it cannot run) or 'loop' (the reference)."""
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None and self.hidden_size:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        # Experts are SwiGLU FFNs of the dense FFN's size (paper section 2); the dense baseline uses
+        # the same FFN so that FLOPs-matched comparisons compare like with like.
+        self.gated_linear_unit = True
+        self.activation_func = F.silu
+        super().__post_init__()
+        self.moma_modalities = tuple(self.moma_modalities)
+        if not self.moma_modalities or len(set(self.moma_modalities)) != len(self.moma_modalities):
+            raise ValueError(
+                f"moma_modalities={self.moma_modalities} must be a non-empty tuple of distinct names."
+            )
+        self.moma_expert_groups = parse_expert_groups(self.moma_experts, self.moma_modalities)
+        if not self.moma_capacity_factor > 0:
+            raise ValueError(
+                f"moma_capacity_factor={self.moma_capacity_factor} must be > 0 (paper: 1.0)."
+            )
+        if self.moma_expert_execution not in ("grouped", "loop"):
+            raise ValueError(
+                f"moma_expert_execution={self.moma_expert_execution!r}: use 'grouped' or 'loop'."
+            )
+        tp = self.tensor_model_parallel_size
+        if self.ffn_hidden_size % tp:
+            raise ValueError(
+                f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
+                f"tensor_model_parallel_size={tp}; each expert's FFN is split across TP ranks. "
+                "Choose an ffn_hidden_size that is a multiple of the TP size."
+            )
+        if self.num_attention_heads and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; pick sizes with hidden_size % heads == 0."
+            )
+        if self.mtp_num_layers:
+            raise ValueError("multi-token prediction (mtp_num_layers) is not supported with MoMa yet.")
+        self._check_vocab_ranges()
+
+    def _check_vocab_ranges(self):
+        if self.moma_vocab_ranges is None:
+            return
+        self.moma_vocab_ranges = {k: tuple(v) for k, v in dict(self.moma_vocab_ranges).items()}
+        spans = []
+        for name, (start, end) in self.moma_vocab_ranges.items():
+            if name not in self.moma_modalities:
+                raise ValueError(
+                    f"moma_vocab_ranges names {name!r}, which is not in moma_modalities "
+                    f"{self.moma_modalities}."
+                )
+            if not 0 <= start < end:
+                raise ValueError(f"moma_vocab_ranges[{name!r}]=({start}, {end}) needs 0 <= start < end.")
+            spans.append((start, end, name))
+        spans.sort()
+        for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise ValueError(f"moma_vocab_ranges of {n0!r} and {n1!r} overlap; make them disjoint.")
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.moma_modalities)
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.moma_expert_groups

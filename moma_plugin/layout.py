@@ -1,0 +1,88 @@
+"""Modality layout: which tokens belong to which modality, computed once per forward.
+
+Every MoMa layer of a forward pass reads the same layout, so per-modality token indices are never
+recomputed per layer and the only host synchronisation is the one that reads the per-modality counts
+(the paper's section 3 names per-layer index computation as its main overhead).
+
+Tokens are numbered in the order of Megatron's hidden states flattened from [s, b, h] to [T, h]:
+token t = position * batch + sample.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+_forward_counter = itertools.count()
+
+
+@dataclass
+class ModalityLayout:
+    """Per-modality token indices of one micro-batch.
+
+    Attributes:
+        modality_ids_T: [T] int64 modality id of every token.
+        order_T: [T] token indices sorted by modality (stable), i.e. the tokens of modality 0, then 1...
+        counts: tokens per modality, as Python ints (read from the device once, at construction).
+        forward_id: a number unique to this layout, so a layer can tell a recomputed forward
+            (activation checkpointing) from a new one when it records metrics.
+    """
+
+    modality_ids_T: Tensor
+    order_T: Tensor
+    counts: Tuple[int, ...]
+    forward_id: int = field(default_factory=lambda: next(_forward_counter))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.modality_ids_T.numel()
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.counts)
+
+    def token_indices(self, modalities: Sequence[int]) -> Tensor:
+        """[b^M] indices of the tokens of the given modalities (one modality, or all for a shared group)."""
+        if len(modalities) == self.num_modalities:
+            return self.order_T
+        starts = [0, *itertools.accumulate(self.counts)]
+        return torch.cat([self.order_T[starts[m] : starts[m + 1]] for m in modalities])
+
+    def token_count(self, modalities: Sequence[int]) -> int:
+        return sum(self.counts[m] for m in modalities)
+
+
+def build_modality_layout(modality_ids_SB: Tensor, num_modalities: int) -> ModalityLayout:
+    """Builds the layout from modality ids laid out like the hidden states, [s, b] (or already flat [T]).
+
+    Raises ValueError naming the offending values when an id is outside [0, num_modalities).
+    """
+    ids_T = modality_ids_SB.reshape(-1).long()
+    in_range = (ids_T >= 0) & (ids_T < num_modalities)
+    # One host read for both the validity check and the counts.
+    stats = torch.cat(
+        [torch.bincount(ids_T.clamp(0, num_modalities - 1)[in_range], minlength=num_modalities),
+         (~in_range).sum().reshape(1)]
+    ).tolist()
+    if stats[-1]:
+        bad = ids_T[~in_range].unique()[:8].tolist()
+        raise ValueError(
+            f"{stats[-1]} modality ids are outside [0, {num_modalities}) (e.g. {bad}). Modality ids "
+            f"index config.moma_modalities; check the data's modality stream or moma_vocab_ranges."
+        )
+    order_T = torch.sort(ids_T, stable=True).indices
+    return ModalityLayout(ids_T, order_T, tuple(stats[:-1]))
+
+
+def modality_ids_from_tokens(
+    input_ids: Tensor, vocab_ranges: Dict[str, Tuple[int, int]], modalities: Sequence[str]
+) -> Tensor:
+    """Modality id of every token from its id: tokens in ``vocab_ranges[name]`` get ``name``'s id,
+    all others the first modality's (0). Same shape as ``input_ids``."""
+    ids = torch.zeros_like(input_ids, dtype=torch.long)
+    for name, (start, end) in vocab_ranges.items():
+        ids[(input_ids >= start) & (input_ids < end)] = modalities.index(name)
+    return ids
+

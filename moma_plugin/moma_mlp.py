@@ -1,0 +1,207 @@
+"""MoMaMLP: modality-aware expert-choice MoE that replaces the dense MLP of a transformer layer.
+
+Forward, in named stages:
+  1. route:   each group's router scores the tokens of its modality (sigmoid, float32); each expert
+              takes its top k_e = ceil(b^M * capacity_factor / |E^M|) tokens (expert choice).
+  2. dispatch: gather the chosen tokens, sorted by expert (all groups in one list).
+  3. compute: run the experts (reference loop, grouped matmul, or padded bmm).
+  4. combine: weight each output by its sigmoid score and add it back at its token's position.
+"""
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import torch
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from torch import Tensor
+
+from .config import ExpertGroup, MoMaConfig, expert_capacity
+from .experts import (
+    grouped_mm_supported,
+    run_experts_grouped,
+    run_experts_loop,
+    run_experts_padded,
+    stacked_weights,
+)
+from .layout import ModalityLayout
+from .routing import balanced_choice, expert_choice, sigmoid_scores
+
+
+@dataclass
+class MoMaMLPSubmodules:
+    """``experts``: the linear layers of each expert's MLP (Megatron's ``MLPSubmodules``)."""
+
+    experts: Union[MLPSubmodules, ModuleSpec] = None
+
+
+class GroupRouter(torch.nn.Module):
+    """The learned router W_g^M of one expert group: logits = x W, kept replicated on TP ranks."""
+
+    def __init__(self, config: MoMaConfig, num_experts: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(
+            torch.empty(num_experts, config.hidden_size, dtype=config.params_dtype)
+        )
+        config.init_method(self.weight)
+        self.compute_in_fp32 = config.moma_router_fp32
+        # Under sequence parallelism each TP rank routes its own tokens: Megatron then all-reduces
+        # the gradients of parameters flagged like this one (as it does for layer norms).
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x_TH: Tensor) -> Tensor:
+        if self.compute_in_fp32:
+            return torch.nn.functional.linear(x_TH.float(), self.weight.float())
+        return torch.nn.functional.linear(x_TH, self.weight)
+
+
+@dataclass
+class RoutingPlan:
+    """Which token each expert slot holds, over all groups, sorted by expert."""
+
+    token_index_A: Tensor  # [A] token positions in the flattened [T] micro-batch
+    gate_A: Tensor  # [A] float32 sigmoid scores of the chosen (token, expert) pairs
+    tokens_per_expert: List[int]  # host ints, one per expert of the layer (groups in order)
+
+
+class MoMaMLP(MegatronModule):
+    """Replaces the dense MLP: modality groups of SwiGLU experts with expert-choice routing.
+
+    Parameters are named by group: ``router.<group>.weight`` and
+    ``experts.<group>.<index>.linear_fc{1,2}.weight``, where <group> is a modality name (or "shared"
+    for an ``Nx`` layout) and <index> the expert's index in its group.
+
+    Metrics buffers (not saved in checkpoints; reset with ``reset_metrics``):
+      ``tokens_per_expert_ME`` [modalities, experts]: tokens of each modality each expert took;
+      ``selection_histogram_M3`` [modalities, 3]: tokens taken by 0, 1, 2+ experts.
+    """
+
+    def __init__(
+        self,
+        config: MoMaConfig,
+        submodules: MoMaMLPSubmodules,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ):
+        super().__init__(config=config)
+        self.groups: List[ExpertGroup] = list(config.moma_expert_groups)
+        expert_submodules = submodules.experts
+        if isinstance(expert_submodules, ModuleSpec):
+            expert_submodules = expert_submodules.submodules
+        self.router = torch.nn.ModuleDict(
+            {g.name: GroupRouter(config, g.num_experts) for g in self.groups}
+        )
+        self.experts = torch.nn.ModuleDict(
+            {
+                g.name: torch.nn.ModuleList(
+                    MLP(config, expert_submodules, ffn_hidden_size=config.ffn_hidden_size,
+                        tp_group=tp_group)
+                    for _ in range(g.num_experts)
+                )
+                for g in self.groups
+            }
+        )
+        num_experts = sum(g.num_experts for g in self.groups)
+        self.register_buffer(
+            "tokens_per_expert_ME", torch.zeros(config.num_modalities, num_experts, dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "selection_histogram_M3", torch.zeros(config.num_modalities, 3, dtype=torch.long),
+            persistent=False,
+        )
+        self.layer_number: Optional[int] = None
+        self._layout: Optional[ModalityLayout] = None
+        self._recorded_forward_id: Optional[int] = None
+
+    def set_layer_number(self, layer_number: int):
+        self.layer_number = layer_number
+
+    @contextlib.contextmanager
+    def routing_layout(self, layout: Optional[ModalityLayout]):
+        """Scope in which ``forward`` routes with ``layout``; the owning layer opens it per call."""
+        self._layout = layout
+        try:
+            yield
+        finally:
+            self._layout = None
+
+    def all_experts(self) -> List[MLP]:
+        return [expert for g in self.groups for expert in self.experts[g.name]]
+
+    def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **kwargs):
+        """hidden_states [s, b, H] -> (output [s, b, H], None)."""
+        layout = self._layout
+        if layout is None:
+            raise RuntimeError(
+                "MoMaMLP received no modality layout. Build the model with moma_plugin.MoMaGPTModel "
+                "(it passes the layout to every MoMaTransformerLayer), or call the layer with "
+                "modality_layout=moma_plugin.build_modality_layout(modality_ids_SB, num_modalities)."
+            )
+        x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if layout.num_tokens != x_TH.shape[0]:
+            raise ValueError(
+                f"modality layout has {layout.num_tokens} tokens but the layer got {x_TH.shape[0]} "
+                "(s*b). Modality ids must have the same [b, s] shape as the input ids."
+            )
+        plan = self.route(x_TH, layout)
+        x_AH = x_TH[plan.token_index_A]
+        y_AH = self.compute(x_AH, plan.tokens_per_expert)
+        y_AH = y_AH * plan.gate_A.unsqueeze(1).to(y_AH.dtype)
+        out_TH = torch.zeros_like(x_TH).index_add(0, plan.token_index_A, y_AH)
+        self._record_metrics(layout, plan)
+        return out_TH.view_as(hidden_states), None
+
+    def route(self, x_TH: Tensor, layout: ModalityLayout) -> RoutingPlan:
+        """Stage 1: expert choice inside every group over the group's tokens."""
+        choose = balanced_choice if self.config.moma_force_balanced_routing else expert_choice
+        noise = self.config.moma_router_gumbel_noise and self.training
+        token_indices, gates, tokens_per_expert = [], [], []
+        for group in self.groups:
+            group_tokens_G = layout.token_indices(group.modalities)
+            capacity = expert_capacity(
+                layout.token_count(group.modalities), group.num_experts,
+                self.config.moma_capacity_factor,
+            )
+            scores_GE = sigmoid_scores(self.router[group.name](x_TH[group_tokens_G]), noise)
+            local_index_EC, gate_EC = choose(scores_GE, capacity)
+            token_indices.append(group_tokens_G[local_index_EC].reshape(-1))
+            gates.append(gate_EC.reshape(-1))
+            tokens_per_expert.extend([capacity] * group.num_experts)
+        return RoutingPlan(torch.cat(token_indices), torch.cat(gates), tokens_per_expert)
+
+    def compute(self, x_AH: Tensor, tokens_per_expert: List[int]) -> Tensor:
+        """Stage 3: every expert on its tokens; [A, H] in, [A, H] out, same order."""
+        experts = self.all_experts()
+        if self.config.moma_expert_execution == "loop":
+            return run_experts_loop(x_AH, tokens_per_expert, experts)
+        w1, w2, _, _ = stacked_weights(experts[:1])
+        if grouped_mm_supported(x_AH, w1, w2):
+            return run_experts_grouped(x_AH, tokens_per_expert, experts, self.config.activation_func)
+        return run_experts_padded(x_AH, tokens_per_expert, experts, self.config.activation_func)
+
+    @torch.no_grad()
+    def _record_metrics(self, layout: ModalityLayout, plan: RoutingPlan):
+        # Activation recomputation runs this forward twice with the same layout: count it once.
+        if self._recorded_forward_id == layout.forward_id:
+            return
+        self._recorded_forward_id = layout.forward_id
+        num_modalities, num_experts = self.tokens_per_expert_ME.shape
+        counts = torch.tensor(plan.tokens_per_expert, device=plan.token_index_A.device)
+        expert_A = torch.repeat_interleave(
+            torch.arange(num_experts, device=counts.device), counts,
+            output_size=plan.token_index_A.numel(),
+        )
+        modality_A = layout.modality_ids_T[plan.token_index_A]
+        self.tokens_per_expert_ME += torch.bincount(
+            modality_A * num_experts + expert_A, minlength=num_modalities * num_experts
+        ).view(num_modalities, num_experts)
+        picks_T = torch.bincount(plan.token_index_A, minlength=layout.num_tokens).clamp_(max=2)
+        self.selection_histogram_M3 += torch.bincount(
+            layout.modality_ids_T * 3 + picks_T, minlength=num_modalities * 3
+        ).view(num_modalities, 3)
+
+    def reset_metrics(self):
+        self.tokens_per_expert_ME.zero_()
+        self.selection_histogram_M3.zero_()

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="moma_plugin",
+    version="0.1.0",
+    description="Modality-aware experts (MoMa), Mixture-of-Depths and MoT for Megatron-Core jobs",
+    packages=find_packages(include=["moma_plugin", "moma_plugin.*"]),
+    python_requires=">=3.10",
+    # torch is pinned by the installer (a CPU wheel here, the cluster's CUDA build elsewhere).
+    install_requires=["torch>=2.4", "megatron-core>=0.14", "numpy", "pyyaml"],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "test": ["pytest>=7"],
+    },
+)

@@ -1,0 +1,29 @@
+"""Small builders shared by the tests."""
+
+import torch
+
+import moma_plugin as mp
+
+
+def tiny_config(**overrides) -> mp.MoMaConfig:
+    values = dict(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+        use_cpu_initialization=True, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, moma_experts="2t2i",
+    )
+    values.update(overrides)
+    return mp.MoMaConfig(**values)
+
+
+def tiny_model(config: mp.MoMaConfig, vocab_size: int = 64, seq_length: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    return mp.MoMaGPTModel(config, mp.get_moma_layer_spec(config, use_te=False),
+                           vocab_size=vocab_size, max_sequence_length=seq_length)
+
+
+def random_batch(batch: int, seq: int, vocab_size: int = 64, num_modalities: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (batch, seq), generator=g)
+    modality_ids = torch.randint(0, num_modalities, (batch, seq), generator=g)
+    position_ids = torch.arange(seq).expand(batch, seq)
+    return tokens, position_ids, modality_ids
