@@ -27,3 +27,20 @@ def random_batch(batch: int, seq: int, vocab_size: int = 64, num_modalities: int
     modality_ids = torch.randint(0, num_modalities, (batch, seq), generator=g)
     position_ids = torch.arange(seq).expand(batch, seq)
     return tokens, position_ids, modality_ids
+
+
+def moma_mlp(config: mp.MoMaConfig, seed: int = 0) -> mp.MoMaMLP:
+    """A MoMaMLP built from the local spec, as a layer would build it."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    torch.manual_seed(seed)
+    spec = mp.get_moma_layer_spec(config, use_te=False).submodules.mlp
+    return build_module(spec, config=config)
+
+
+def run_mlp(mlp, hidden_SBH, modality_ids_SB):
+    layout = mp.build_modality_layout(modality_ids_SB, mlp.config.num_modalities)
+    with mlp.routing_layout(layout):
+        out, bias = mlp(hidden_SBH)
+    assert bias is None
+    return out, layout
