@@ -47,9 +47,9 @@ def stacked_weights(experts: Sequence):
     return w1, w2, b1, b2
 
 
-def grouped_mm_supported(x_AH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: float32/bf16 on CPU, bf16 on Hopper or
-    newer GPUs, and every row stride a multiple of 16 bytes."""
+def grouped_mm_supported(x_AH: Tensor, experts: Sequence) -> bool:
+    """Whether ``torch._grouped_mm`` takes these experts' operands: float32/bf16 on CPU, bf16 on
+    Hopper or newer GPUs, and every row stride a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x_AH.is_cuda:
@@ -57,8 +57,10 @@ def grouped_mm_supported(x_AH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor) -> bool:
             return False
     elif x_AH.dtype not in (torch.float32, torch.bfloat16):
         return False
+    fc1_width, hidden = experts[0].linear_fc1.weight.shape  # [2F, H]
+    ffn_width = experts[0].linear_fc2.weight.shape[1]  # [H, F]
     item = x_AH.element_size()
-    return all((dim * item) % 16 == 0 for dim in (x_AH.shape[1], w1_EOH.shape[1], w2_EHF.shape[2]))
+    return all((dim * item) % 16 == 0 for dim in (hidden, fc1_width, ffn_width))
 
 
 def _swiglu(h: Tensor, activation) -> Tensor:

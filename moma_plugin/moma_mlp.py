@@ -24,7 +24,6 @@ from .experts import (
     run_experts_grouped,
     run_experts_loop,
     run_experts_padded,
-    stacked_weights,
 )
 from .layout import ModalityLayout
 from .routing import balanced_choice, expert_choice, sigmoid_scores
@@ -176,8 +175,7 @@ class MoMaMLP(MegatronModule):
         experts = self.all_experts()
         if self.config.moma_expert_execution == "loop":
             return run_experts_loop(x_AH, tokens_per_expert, experts)
-        w1, w2, _, _ = stacked_weights(experts[:1])
-        if grouped_mm_supported(x_AH, w1, w2):
+        if grouped_mm_supported(x_AH, experts):
             return run_experts_grouped(x_AH, tokens_per_expert, experts, self.config.activation_func)
         return run_experts_padded(x_AH, tokens_per_expert, experts, self.config.activation_func)
 
