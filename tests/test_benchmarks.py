@@ -1,0 +1,21 @@
+"""The benchmarks keep running (a smoke run; timings are not asserted, only that the paths agree)."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_moma_mlp_benchmark_smoke_run():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_moma_mlp.py"), "--quick", "--seq", "64",
+         "--batch", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    differences = re.search(r"grouped ([0-9.e+-]+), padded ([0-9.e+-]+)", result.stdout)
+    assert differences and max(map(float, differences.groups())) < 1e-4, result.stdout
+    for path in ("loop", "grouped", "padded", "dense"):
+        assert re.search(rf"^\| {path} ", result.stdout, re.MULTILINE), result.stdout
