@@ -7,7 +7,12 @@ setup(
     packages=find_packages(include=["moma_plugin", "moma_plugin.*"]),
     python_requires=">=3.10",
     # torch is pinned by the installer (a CPU wheel here, the cluster's CUDA build elsewhere).
-    install_requires=["torch>=2.4", "megatron-core>=0.14", "numpy", "pyyaml"],
+    install_requires=[
+        "torch>=2.4", "megatron-core>=0.14", "numpy", "pyyaml",
+        # data pipeline: BPE text tokenizer, k-means image codebook, images bundled in scikit-learn
+        "tokenizers>=0.15", "scikit-learn>=1.3", "pillow", "tqdm",
+    ],
+    entry_points={"console_scripts": ["moma-preprocess=moma_plugin.data.preprocess:main"]},
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "deepspeed": ["deepspeed>=0.15"],

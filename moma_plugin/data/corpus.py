@@ -1,0 +1,107 @@
+"""The bundled corpus: real images that ship inside scikit-learn, with captions from their labels,
+arranged as interleaved documents. Built on first use into a cache folder; no network.
+
+Contents (see docs/DATA.md for sizes and licenses):
+- the 1,797 handwritten digits of ``sklearn.datasets.load_digits`` (8x8, 17 grey levels), in documents
+  of 1-4 digits: caption before image, image before caption, or a caption per image;
+- 64 crops of the two photos of ``sklearn.datasets.load_sample_images`` (a temple in China, a flower),
+  captioned with the photo's subject and where the crop lies.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import List, Union
+
+import numpy as np
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PHOTO_SUBJECTS = {"china.jpg": "a temple in China", "flower.jpg": "a flower in close-up"}
+CORPUS_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOMA_CACHE", Path.home() / ".cache" / "moma_plugin"))
+
+
+def _save_png(array: np.ndarray, path: Path):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def _digit_documents(rng: np.random.Generator, image_dir: Path) -> List[dict]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for index, image in enumerate(digits.images):
+        path = image_dir / f"digit_{index:04d}.png"
+        _save_png((image * (255 / 16)).round().astype(np.uint8), path)
+        paths.append(path.relative_to(image_dir.parent).as_posix())
+    order = rng.permutation(len(paths))
+    documents, position = [], 0
+    while position < len(order):
+        count = int(rng.integers(1, 5))
+        chosen = order[position : position + count]
+        position += count
+        words = [DIGIT_WORDS[digits.target[i]] for i in chosen]
+        style = int(rng.integers(0, 3))
+        if len(chosen) == 1 and style == 0:
+            segments = [{"text": f"Here is a handwritten {words[0]}."}, {"image": paths[chosen[0]]}]
+        elif len(chosen) == 1:
+            segments = [{"image": paths[chosen[0]]},
+                        {"text": f"That was the digit {words[0]}, written by hand."}]
+        elif style == 0:
+            segments = [{"text": f"A row of handwritten digits: {', '.join(words)}."}]
+            segments += [{"image": paths[i]} for i in chosen]
+        else:
+            segments = []
+            for ordinal, (i, word) in enumerate(zip(chosen, words)):
+                lead = "First" if ordinal == 0 else "Then"
+                segments += [{"text": f"{lead} a {word}:"}, {"image": paths[i]}]
+        documents.append({"segments": segments})
+    return documents
+
+
+def _photo_documents(rng: np.random.Generator, image_dir: Path) -> List[dict]:
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    documents = []
+    for photo, filename in zip(photos.images, photos.filenames):
+        name = Path(filename).name
+        height, width = photo.shape[:2]
+        for crop in range(32):
+            size = int(rng.integers(96, 192))
+            top, left = int(rng.integers(0, height - size)), int(rng.integers(0, width - size))
+            path = image_dir / f"{Path(name).stem}_{crop:02d}.png"
+            _save_png(np.ascontiguousarray(photo[top : top + size, left : left + size]), path)
+            vertical = "top" if top + size / 2 < height / 2 else "bottom"
+            horizontal = "left" if left + size / 2 < width / 2 else "right"
+            caption = (f"A crop from a photo of {PHOTO_SUBJECTS.get(name, name)}, taken from the "
+                       f"{vertical} {horizontal} of the picture.")
+            image = {"image": path.relative_to(image_dir.parent).as_posix()}
+            segments = [{"text": caption}, image] if crop % 2 == 0 else [image, {"text": caption}]
+            documents.append({"segments": segments})
+    return documents
+
+
+def build_builtin_corpus(directory: Union[str, Path, None] = None, seed: int = 1234) -> Path:
+    """Writes ``documents.jsonl`` and ``images/`` under ``directory`` (default: the cache) once and
+    returns the JSONL path; later calls reuse it."""
+    directory = Path(directory or default_cache_dir() / f"builtin_corpus_v{CORPUS_VERSION}")
+    jsonl = directory / "documents.jsonl"
+    if jsonl.exists():
+        return jsonl
+    image_dir = directory / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    documents = _digit_documents(rng, image_dir) + _photo_documents(rng, image_dir)
+    documents = [documents[i] for i in rng.permutation(len(documents))]
+    partial = jsonl.with_suffix(".partial")
+    with open(partial, "w") as f:
+        for document in documents:
+            f.write(json.dumps(document) + "\n")
+    partial.rename(jsonl)  # a crash mid-write never leaves a truncated corpus behind
+    return jsonl
