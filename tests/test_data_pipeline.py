@@ -156,3 +156,108 @@ def test_builtin_corpus_is_built_once_and_interleaved(tmp_path):
     assert any(sum("image" in s for s in d["segments"]) > 1 for d in documents)
     mtime = path.stat().st_mtime
     assert build_builtin_corpus(tmp_path / "corpus") == path and path.stat().st_mtime == mtime
+
+
+def _corpus_jsonl(tmp_path, rng, count=12):
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[:count] * (255 / 16)).round().astype(np.uint8)
+    lines = []
+    for i, image in enumerate(images):
+        from PIL import Image
+
+        Image.fromarray(image).save(tmp_path / f"d{i}.png")
+        segments = [{"text": f"Document {i}: a digit."}, {"image": f"d{i}.png"}]
+        if i % 3 == 0:
+            segments = segments[::-1] + [{"text": "The end.\nBye."}]
+        lines.append(json.dumps({"segments": segments}))
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "docs.jsonl", images
+
+
+def _args(**overrides):
+    from moma_plugin.data.preprocess import build_parser
+
+    args = build_parser().parse_args(["--input", "x", "--output-prefix", "y", "--quiet"])
+    for key, value in overrides.items():
+        setattr(args, key.replace("-", "_"), value)
+    return args
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_then_detokenize_reproduces_documents(tmp_path, workers):
+    from moma_plugin.data.image_tokenizer import load_image_tokenizer
+    from moma_plugin.data.preprocess import DocumentEncoder, preprocess
+    from moma_plugin.data.text_tokenizer import load_text_tokenizer
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    source, images = _corpus_jsonl(tmp_path, np.random.default_rng(0))
+    prefix = tmp_path / "out" / "ds"
+    summary = preprocess(_args(input=str(source), output_prefix=str(prefix), workers=workers,
+                               codebook_size=16, text_vocab_size=300))
+    assert summary["documents"] == 12 and summary["skipped"] == 0
+    assert summary["tokens"]["image"] == 12 * 16  # a 4x4 grid of codes per image
+    layout = VocabularyLayout.load(f"{prefix}.vocab.json")
+    encoder = DocumentEncoder(load_text_tokenizer(f"{prefix}.tokenizers/text"),
+                              load_image_tokenizer(f"{prefix}.tokenizers/image"), layout)
+    indexed = IndexedDataset(str(prefix))
+    documents = [json.loads(line)["segments"] for line in source.read_text().splitlines()]
+    for i, segments in enumerate(documents):
+        merged = []  # adjacent text segments come back as one text run: their concatenation
+        for segment in segments:
+            if "text" in segment and merged and "text" in merged[-1]:
+                merged[-1] = {"text": merged[-1]["text"] + segment["text"]}
+            else:
+                merged.append(segment)
+        segments = merged
+        decoded = encoder.decode(indexed[i])
+        assert [kind for kind, _ in decoded] == [next(iter(s)) for s in segments]
+        for (kind, value), segment in zip(decoded, segments):
+            if kind == "text":
+                assert value == segment["text"]  # text is exact
+            else:
+                assert value.shape == (16, 16, 3)
+                original = encoder.image.resize(images[i]).astype(float)
+                assert np.abs(value.astype(float) - original).mean() < 40  # lossy but close
+        ids = np.asarray(indexed[i])
+        assert (layout.modality_ids(ids) == 1).sum() == 16
+
+
+def test_cli_skip_bad_reports_and_builds_the_rest(tmp_path, capsys):
+    from moma_plugin.data.preprocess import main
+
+    source, _ = _corpus_jsonl(tmp_path, np.random.default_rng(0), count=6)
+    with open(source, "a") as f:
+        f.write("{not json\n" + '{"segments": [{"image": "absent.png"}]}\n')
+    prefix = tmp_path / "ds"
+    with pytest.raises(SystemExit, match=r"(?s)docs.jsonl:7: not valid JSON.*--skip-bad"):
+        main(["--input", str(source), "--output-prefix", str(prefix), "--quiet"])
+    main(["--input", str(source), "--output-prefix", str(prefix), "--quiet", "--skip-bad",
+          "--codebook-size", "16"])
+    captured = capsys.readouterr()
+    assert '"skipped": 2' in captured.out and '"documents": 6' in captured.out
+    assert "docs.jsonl:8: segment 1: image file" in captured.err
+
+
+def test_bundled_corpus_through_the_whole_pipeline(tmp_path, monkeypatch):
+    from moma_plugin.data.preprocess import main
+    from moma_plugin.data.sampler import BalancedSampler, target_shares_from_experts
+
+    monkeypatch.setenv("MOMA_CACHE", str(tmp_path / "cache"))
+    prefix = tmp_path / "builtin"
+    main(["--builtin", "--output-prefix", str(prefix), "--quiet"])
+    summary = json.loads(open(f"{prefix}.summary.json").read())
+    assert summary["documents"] == len(open(tmp_path / "cache" / "builtin_corpus_v1" /
+                                            "documents.jsonl").read().splitlines())
+    train = PackedSequenceDataset(prefix, 64, "train")
+    valid = PackedSequenceDataset(prefix, 64, "valid")
+    assert len(train) > 10 * len(valid) > 0
+    item = train[0]
+    layout = VocabularyLayout.load(f"{prefix}.vocab.json")
+    assert item["modality_ids"].tolist() == layout.modality_ids(item["tokens"].numpy()).tolist()
+    counts = train.modality_counts()
+    sampler = BalancedSampler(counts, 2, 4, target_shares_from_experts("4t4i"), 0.1, seed=0,
+                              strict=False)
+    for _ in range(10):
+        sampler.next_step()
+    assert sampler.stats()["steps"] == 10
