@@ -247,7 +247,7 @@ def test_bundled_corpus_through_the_whole_pipeline(tmp_path, monkeypatch):
     prefix = tmp_path / "builtin"
     main(["--builtin", "--output-prefix", str(prefix), "--quiet"])
     summary = json.loads(open(f"{prefix}.summary.json").read())
-    assert summary["documents"] == len(open(tmp_path / "cache" / "builtin_corpus_v1" /
+    assert summary["documents"] == len(open(tmp_path / "cache" / "builtin_corpus_v2" /
                                             "documents.jsonl").read().splitlines())
     train = PackedSequenceDataset(prefix, 64, "train")
     valid = PackedSequenceDataset(prefix, 64, "valid")
@@ -261,3 +261,16 @@ def test_bundled_corpus_through_the_whole_pipeline(tmp_path, monkeypatch):
     for _ in range(10):
         sampler.next_step()
     assert sampler.stats()["steps"] == 10
+
+
+def test_build_datasets_from_data_path(small_dataset):
+    from moma_plugin.data.dataset import build_datasets
+
+    prefix, _, _ = small_dataset
+    train, valid = build_datasets([str(prefix)], 8, valid_fraction=0.2)
+    assert isinstance(train, PackedSequenceDataset) and train.split == "train"
+    blended_train, blended_valid = build_datasets(["2", str(prefix), "1", str(prefix)], 8,
+                                                  valid_fraction=0.2, train_samples=90)
+    assert len(blended_train) == 90
+    assert np.bincount(blended_train.dataset_index).tolist() == [60, 30]
+    assert len(blended_valid) == 2 * len(valid)

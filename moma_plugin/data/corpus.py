@@ -17,7 +17,19 @@ import numpy as np
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PHOTO_SUBJECTS = {"china.jpg": "a temple in China", "flower.jpg": "a flower in close-up"}
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
+
+
+def digit_fact(digit: int) -> str:
+    """A true sentence about a digit, so captions carry more text than a label."""
+    word = DIGIT_WORDS[digit]
+    parity = "even" if digit % 2 == 0 else "odd"
+    if digit == 0:
+        return f"{word.capitalize()} is {parity}, and it is one less than one."
+    if digit == 9:
+        return f"{word.capitalize()} is {parity}, the largest digit, one more than eight."
+    return (f"{word.capitalize()} is {parity}, one more than {DIGIT_WORDS[digit - 1]} and one less "
+            f"than {DIGIT_WORDS[digit + 1]}.")
 
 
 def default_cache_dir() -> Path:
@@ -45,21 +57,26 @@ def _digit_documents(rng: np.random.Generator, image_dir: Path) -> List[dict]:
         count = int(rng.integers(1, 5))
         chosen = order[position : position + count]
         position += count
-        words = [DIGIT_WORDS[digits.target[i]] for i in chosen]
+        labels = [int(digits.target[i]) for i in chosen]
+        words = [DIGIT_WORDS[label] for label in labels]
+        facts = " ".join(digit_fact(label) for label in labels)
         style = int(rng.integers(0, 3))
         if len(chosen) == 1 and style == 0:
-            segments = [{"text": f"Here is a handwritten {words[0]}."}, {"image": paths[chosen[0]]}]
+            segments = [{"text": f"Here is a handwritten {words[0]}. {facts}"},
+                        {"image": paths[chosen[0]]}]
         elif len(chosen) == 1:
             segments = [{"image": paths[chosen[0]]},
-                        {"text": f"That was the digit {words[0]}, written by hand."}]
+                        {"text": f"That was the digit {words[0]}, written by hand. {facts}"}]
         elif style == 0:
             segments = [{"text": f"A row of handwritten digits: {', '.join(words)}."}]
             segments += [{"image": paths[i]} for i in chosen]
+            segments.append({"text": f"Together they add up to {sum(labels)}."})
         else:
             segments = []
-            for ordinal, (i, word) in enumerate(zip(chosen, words)):
+            for ordinal, (i, label) in enumerate(zip(chosen, labels)):
                 lead = "First" if ordinal == 0 else "Then"
-                segments += [{"text": f"{lead} a {word}:"}, {"image": paths[i]}]
+                segments += [{"text": f"{lead} a {DIGIT_WORDS[label]}:"}, {"image": paths[i]},
+                             {"text": digit_fact(label)}]
         documents.append({"segments": segments})
     return documents
 

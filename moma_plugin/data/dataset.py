@@ -168,3 +168,20 @@ def parse_data_path(items: Sequence[str]) -> List[tuple]:
         except ValueError:
             raise ValueError(f"--data-path weight {weight!r} (before {prefix!r}) is not a number")
     return pairs
+
+
+def build_datasets(data_path: Sequence[str], seq_length: int, valid_fraction: float = 0.05,
+                   seed: int = 1234, train_samples: Optional[int] = None):
+    """(train, valid) datasets from Megatron-style ``--data-path`` items; several prefixes are
+    blended by weight (train: ``train_samples`` samples, default the sum of the parts)."""
+    pairs = parse_data_path(data_path)
+    splits = {}
+    for split in ("train", "valid"):
+        parts = [PackedSequenceDataset(prefix, seq_length, split, valid_fraction, seed)
+                 for _, prefix in pairs]
+        if len(parts) == 1:
+            splits[split] = parts[0]
+            continue
+        size = sum(len(p) for p in parts) if split == "valid" or train_samples is None else train_samples
+        splits[split] = BlendedDataset(parts, [w for w, _ in pairs], size)
+    return splits["train"], splits["valid"]
