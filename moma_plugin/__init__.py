@@ -17,3 +17,12 @@ from .specs import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ExpertGroup", "ModalityLayout", "MoMaConfig", "MoMaGPTModel", "MoMaMLP", "MoMaMLPSubmodules",
+    "MoMaTransformerBlock", "MoMaTransformerLayer", "MoMaTransformerLayerSubmodules",
+    "SDPACoreAttention", "add_moma_args", "build_modality_layout", "collect_routing_metrics",
+    "expert_capacity", "get_moma_decoder_block_spec", "get_moma_layer_spec",
+    "modality_ids_from_tokens", "moma_config_from_args", "moma_layer_spec", "parse_expert_groups",
+    "transformer_engine_available",
+]

@@ -7,7 +7,7 @@ modality whose name starts with it, so ``4t4i2s`` works once ``moma_modalities``
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch.nn.functional as F

@@ -13,7 +13,7 @@ Every expert takes part every step, also with zero tokens, so each expert parame
 gradient (zeros if idle) and sharded data parallelism never waits on a rank whose expert was idle.
 """
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 from megatron.core.tensor_parallel.mappings import (

@@ -10,7 +10,7 @@ token t = position * batch + sample.
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor

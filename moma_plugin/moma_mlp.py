@@ -9,8 +9,8 @@ Forward, in named stages:
 """
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import List, Optional, Union
 
 import torch
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
