@@ -1,11 +1,12 @@
-"""Train a tiny 4t4i MoMa model on CPU in about a minute and print what the experts do.
+"""Train a tiny 4t4i MoMa model on the bundled corpus, on CPU, in about a minute.
 
-    python examples/tiny_moma.py [--steps 60] [--experts 4t4i] [--recompute]
+    python examples/tiny_moma.py [--steps 150] [--experts 4t4i] [--recompute]
 
-The data is synthetic interleaved text/image token sequences (the bundled real corpus and the full
-`moma-pretrain` job come with the data pipeline). Text tokens follow a counting pattern; image spans,
-wrapped in begin/end-of-image sentinels, hold codes from a separate id range, so the model learns each
-modality's statistics and the routing statistics show modality-separated experts at work.
+First run: builds the bundled corpus (handwritten digits and photo crops that ship in scikit-learn,
+captioned) and preprocesses it into a Megatron indexed dataset under $MOMA_CACHE (a few seconds).
+Training draws micro-batches with the balanced sampler, so the text:image token ratio of every
+micro-batch stays within 5% of the 1:1 expert ratio. The full `moma-pretrain` job (checkpoints, resume,
+TensorBoard, FLOPs accounting) is the next step of this project.
 """
 
 import argparse
@@ -18,33 +19,49 @@ import torch
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
 
-import moma_plugin as mp
+import moma_plugin as mp  # noqa: E402
+from moma_plugin.data.corpus import default_cache_dir  # noqa: E402
+from moma_plugin.data.dataset import build_datasets, dataset_exists  # noqa: E402
+from moma_plugin.data.sampler import BalancedSampler, target_shares_from_experts  # noqa: E402
 
-TEXT_VOCAB, IMAGE_CODES = 96, 64
-BOI, EOI = TEXT_VOCAB - 2, TEXT_VOCAB - 1  # sentinels are text tokens, as in Chameleon
-VOCAB = TEXT_VOCAB + IMAGE_CODES
+
+def bundled_dataset_prefix() -> str:
+    prefix = default_cache_dir() / "builtin_dataset" / "builtin"
+    if not dataset_exists(prefix):
+        from moma_plugin.data.preprocess import main as preprocess
+
+        print(f"building the bundled dataset at {prefix} ...")
+        preprocess(["--builtin", "--output-prefix", str(prefix), "--quiet"])
+    return str(prefix)
 
 
-def interleaved_batch(batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
-    """[batch, seq+1] token ids: text runs and image spans (BOI, 16 codes, EOI), interleaved."""
-    rows = []
-    for _ in range(batch):
-        row = []
-        while len(row) < seq + 1:
-            start = int(torch.randint(0, 90, (1,), generator=generator))
-            row += [(start + i) % (TEXT_VOCAB - 2) for i in range(int(torch.randint(4, 20, (1,), generator=generator)))]
-            base = int(torch.randint(0, IMAGE_CODES - 16, (1,), generator=generator))
-            row += [BOI] + [TEXT_VOCAB + base + (i % 8) for i in range(16)] + [EOI]
-        rows.append(row[: seq + 1])
-    return torch.tensor(rows)
+def collate(items):
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+@torch.no_grad()
+def per_modality_loss(model, dataset, batch_size=16):
+    model.eval()
+    totals = torch.zeros(2)
+    counts = torch.zeros(2)
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                     modality_ids=batch["modality_ids"])
+        label_is_image = (batch["labels"] >= model.config.moma_vocab_ranges["image"][0]).long()
+        totals.index_add_(0, label_is_image.reshape(-1), loss.reshape(-1))
+        counts.index_add_(0, label_is_image.reshape(-1), torch.ones(loss.numel()))
+    model.train()
+    return (totals / counts.clamp(min=1)).tolist()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--experts", default="4t4i")
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--recompute", action="store_true", help="full activation recomputation")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
@@ -57,39 +74,50 @@ def main():
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     torch.manual_seed(args.seed)
 
+    train, valid = build_datasets([bundled_dataset_prefix()], args.seq_length, seed=args.seed)
+    layout = train.layout
     config = mp.MoMaConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
-        moma_experts=args.experts, moma_vocab_ranges={"image": (TEXT_VOCAB, VOCAB)},
+        moma_experts=args.experts, moma_vocab_ranges=layout.vocab_ranges(),
         use_cpu_initialization=True, add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=0.0, normalization="RMSNorm",
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
            if args.recompute else {}),
     )
-    model = mp.MoMaGPTModel(config, mp.get_moma_layer_spec(config), vocab_size=VOCAB,
+    model = mp.MoMaGPTModel(config, mp.get_moma_layer_spec(config), vocab_size=layout.vocab_size,
                             max_sequence_length=args.seq_length)
-    print(f"MoMa {args.experts}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"groups {[(g.name, g.num_experts) for g in config.moma_expert_groups]}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(args.seed)
-    position_ids = torch.arange(args.seq_length).expand(args.micro_batch_size, -1)
+    shares = target_shares_from_experts(args.experts)
+    sampler = BalancedSampler(train.modality_counts(), args.micro_batch_size, 1, shares,
+                              tolerance=0.05, seed=args.seed, strict=False)
+    print(f"MoMa {args.experts}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+          f"{len(train)} training and {len(valid)} held-out samples of {args.seq_length} tokens; "
+          f"vocabulary {layout.vocab_size} (image codes {layout.range_of('image')})")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = time.time()
     for step in range(1, args.steps + 1):
-        data = interleaved_batch(args.micro_batch_size, args.seq_length, generator)
-        tokens, labels = data[:, :-1], data[:, 1:]
-        loss_BS = model(tokens, position_ids, None, labels=labels)
-        image = labels >= TEXT_VOCAB
-        loss = loss_BS.mean()
+        batch = collate([train[i] for i in sampler.next_step()[0]])
+        loss_BS = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                        modality_ids=batch["modality_ids"])
         optimizer.zero_grad()
-        loss.backward()
+        loss_BS.mean().backward()
         optimizer.step()
-        if step % 10 == 0 or step == 1:
+        if step % 25 == 0 or step == 1:
+            image = batch["labels"] >= layout.range_of("image")[0]
             metrics = mp.collect_routing_metrics(model)
-            idle = metrics.get("moma/layer1/text/picked_by_0_frac", float("nan"))
-            tokens_per_s = step * tokens.numel() / (time.time() - start)
-            print(f"step {step:4d} | loss {loss.item():.3f} (text {loss_BS[~image].mean().item():.3f}, "
-                  f"image {loss_BS[image].mean().item():.3f}) | {tokens_per_s:,.0f} tok/s | "
-                  f"layer1 text tokens picked by no expert {idle:.1%}")
-    print(f"done in {time.time() - start:.1f}s")
+            loads = [metrics[f"moma/layer1/{g}/tokens_per_expert_{s}"]
+                     for g in ("text", "image") for s in ("min", "max")] if shares else []
+            image_share = sampler.stats()["last_step_shares"][0][1] if shares else float("nan")
+            tokens_per_s = step * batch["tokens"].numel() / (time.time() - start)
+            print(f"step {step:4d} | loss {loss_BS.mean().item():.3f} (text "
+                  f"{loss_BS[~image].mean().item():.3f}, image {loss_BS[image].mean().item():.3f}) | "
+                  f"{tokens_per_s:,.0f} tok/s | image share {image_share:.3f} | "
+                  f"layer1 tokens/expert text {loads[:2]} image {loads[2:]}")
+    text_loss, image_loss = per_modality_loss(model, valid)
+    stats = sampler.stats()
+    print(f"done in {time.time() - start:.1f}s | held-out loss text {text_loss:.3f}, image "
+          f"{image_loss:.3f} | sampler worst ratio deviation "
+          f"{stats.get('worst_deviation', float('nan')):.3f}, steps outside the bound "
+          f"{stats['violations']}")
 
 
 if __name__ == "__main__":
