@@ -1,0 +1,56 @@
+"""Matmul FLOPs per token of a MoMa (or dense) GPT model, from its config alone.
+
+Counts multiply-adds as 2 FLOPs. Expert choice sets the expert work per token by capacity, not by
+top-k: each expert of group M takes k_e = ceil(b^M * capacity_factor / |E^M|) tokens, so a token of M
+passes through about ``min(capacity_factor, |E^M|)`` experts on average (exactly, when b^M * factor is a
+multiple of |E^M|). Attention's score and value matmuls are counted over the whole s x s square, as the
+kernels without causal skipping compute them. Training FLOPs are 3x forward (forward + two backward
+matmuls per forward one).
+"""
+
+from typing import Dict, Optional, Sequence
+
+from .config import MoMaConfig
+
+
+def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int,
+                            modality_shares: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """Forward matmul FLOPs per token, by part: attention projections, attention core, router,
+    FFN (experts or dense), output logits, and their ``total``.
+
+    ``modality_shares``: token share of each modality (default equal); only routers of groups with
+    different expert counts (7t1i) depend on it.
+    """
+    h = config.hidden_size
+    head_dim = config.kv_channels or h // config.num_attention_heads
+    q_dim = config.num_attention_heads * head_dim
+    kv_dim = (config.num_query_groups or config.num_attention_heads) * head_dim
+    ffn = config.ffn_hidden_size
+    ffn_per_pass = 2 * h * (2 * ffn if config.gated_linear_unit else ffn) + 2 * ffn * h
+    shares = list(modality_shares or [1 / config.num_modalities] * config.num_modalities)
+    if len(shares) != config.num_modalities or abs(sum(shares) - 1) > 1e-6:
+        raise ValueError(f"modality_shares {shares} needs one share per modality summing to 1.")
+
+    if config.is_dense:
+        router, expert_passes = 0.0, 1.0
+    else:
+        router = expert_passes = 0.0
+        for group in config.moma_expert_groups:
+            share = sum(shares[m] for m in group.modalities)
+            router += share * 2 * h * group.num_experts
+            expert_passes += share * min(config.moma_capacity_factor, group.num_experts)
+    per_layer = {
+        "attention_projections": 2 * h * (q_dim + 2 * kv_dim) + 2 * q_dim * h,
+        "attention_core": 2 * 2 * seq_length * q_dim,
+        "router": router,
+        "ffn": expert_passes * ffn_per_pass,
+    }
+    parts = {name: config.num_layers * value for name, value in per_layer.items()}
+    parts["logits"] = 2 * h * vocab_size
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def training_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int,
+                             modality_shares: Optional[Sequence[float]] = None) -> float:
+    return 3 * forward_flops_per_token(config, seq_length, vocab_size, modality_shares)["total"]

@@ -1,0 +1,74 @@
+"""FLOPs from the config against the matmuls a forward pass actually executes."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moma_plugin.flops import forward_flops_per_token, training_flops_per_token
+
+from .helpers import tiny_config, tiny_model
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+aten = torch.ops.aten
+
+
+# FlopCounterMode passes the shapes of the operands to these formulas.
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+    b, heads, s, d = query
+    return 2 * 2 * b * heads * s * key[2] * d  # q k^T and (softmax) v
+
+
+def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs):
+    return 2 * a[0] * a[1] * b[-1]
+
+
+COUNTERS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+            aten._grouped_mm: _grouped_mm_flops}
+
+
+def executed_flops(model, tokens, modality_ids):
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).expand(batch, seq)
+    with FlopCounterMode(display=False, custom_mapping=COUNTERS) as counter:
+        model(tokens, positions, None, modality_ids=modality_ids)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "experts, modalities, text_tokens",
+    [("dense", ("text", "image"), 32), ("2t2i", ("text", "image"), 32), ("8x", ("text", "image"), 32),
+     ("7t1i", ("text", "image"), 56), ("4t4i", ("text", "image"), 40),
+     ("2t2i1s", ("text", "image", "speech"), 32)],
+)
+@pytest.mark.parametrize("execution", ["loop", "grouped"])
+def test_config_flops_equal_counted_matmuls(experts, modalities, text_tokens, execution):
+    batch, seq, vocab = 2, 32, 64
+    config = tiny_config(moma_experts=experts, moma_modalities=modalities,
+                         moma_expert_execution=execution)
+    model = tiny_model(config, vocab_size=vocab, seq_length=seq)
+    # Modality counts divisible by every group's expert count, so capacity is exact.
+    ids = torch.ones(batch * seq, dtype=torch.long)
+    ids[:text_tokens] = 0
+    if len(modalities) == 3:
+        ids[-8:] = 2
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))]
+    shares = torch.bincount(ids, minlength=len(modalities)).double() / ids.numel()
+    tokens = torch.randint(0, vocab, (batch, seq))
+    expected = forward_flops_per_token(config, seq, vocab, shares.tolist())["total"] * batch * seq
+    assert executed_flops(model, tokens, ids.view(batch, seq)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_flops_matched_moma_equals_dense_ffn():
+    dense = forward_flops_per_token(tiny_config(moma_experts="dense"), 4096, 65536)
+    moma = forward_flops_per_token(tiny_config(moma_experts="4t4i"), 4096, 65536)
+    assert moma["ffn"] == dense["ffn"]  # capacity 1/|E| per expert: one expert pass per token
+    assert moma["total"] - dense["total"] == moma["router"] > 0
+    double = forward_flops_per_token(tiny_config(moma_experts="4t4i", moma_capacity_factor=2.0),
+                                     4096, 65536)
+    assert double["ffn"] == 2 * dense["ffn"]
+    assert training_flops_per_token(tiny_config(moma_experts="4t4i"), 4096, 65536) == 3 * moma["total"]
+
+
+def test_bad_shares_are_a_clear_error():
+    with pytest.raises(ValueError, match="one share per modality"):
+        forward_flops_per_token(tiny_config(), 128, 64, [1.0])
