@@ -121,6 +121,11 @@ class MoMaConfig(TransformerConfig):
         # the same FFN so that FLOPs-matched comparisons compare like with like.
         self.gated_linear_unit = True
         self.activation_func = F.silu
+        if self.expert_model_parallel_size > 1:  # before Megatron's check, which asks for its own MoE
+            raise NotImplementedError(
+                "expert parallelism for MoMa experts is not supported yet; set "
+                "expert_model_parallel_size=1 (experts are replicated and split by TP)."
+            )
         super().__post_init__()
         self.moma_modalities = tuple(self.moma_modalities)
         if not self.moma_modalities or len(set(self.moma_modalities)) != len(self.moma_modalities):
@@ -147,6 +152,11 @@ class MoMaConfig(TransformerConfig):
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; pick sizes with hidden_size % heads == 0."
+            )
+        if not self.is_dense and self.sequence_parallel:
+            raise NotImplementedError(
+                "sequence_parallel with MoMa experts is not supported yet (each TP rank would route "
+                "only its sequence chunk); turn sequence_parallel off or use moma_experts='dense'."
             )
         if self.mtp_num_layers:
             raise ValueError("multi-token prediction (mtp_num_layers) is not supported with MoMa yet.")

@@ -62,7 +62,8 @@ class MoMaGPTModel(GPTModel):
             modality_ids = modality_ids_from_tokens(
                 input_ids, self.config.moma_vocab_ranges, self.config.moma_modalities
             )
-        return build_modality_layout(modality_ids.t(), self.config.num_modalities)
+        device = next(self.parameters()).device  # the data loader may hand ids over on the CPU
+        return build_modality_layout(modality_ids.t().to(device), self.config.num_modalities)
 
     def forward(
         self,

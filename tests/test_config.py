@@ -70,6 +70,13 @@ def test_config_validation_messages():
         tiny_config(moma_experts="4x4")
 
 
+def test_unsupported_parallelism_is_a_clear_error():
+    with pytest.raises(NotImplementedError, match="sequence_parallel"):
+        tiny_config(sequence_parallel=True, tensor_model_parallel_size=2)
+    with pytest.raises(NotImplementedError, match="expert_model_parallel_size=1"):
+        tiny_config(expert_model_parallel_size=2)
+
+
 def test_config_uses_swiglu_experts():
     config = tiny_config()
     assert config.gated_linear_unit and config.activation_func.__name__ == "silu"
