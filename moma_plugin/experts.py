@@ -69,9 +69,11 @@ def _swiglu(h: Tensor, activation) -> Tensor:
     return activation(gate) * up
 
 
-def _expand_bias(bias_EO: Tensor, tokens_per_expert: Sequence[int], total: int) -> Tensor:
-    counts = torch.tensor(list(tokens_per_expert), device=bias_EO.device)
-    return torch.repeat_interleave(bias_EO, counts, dim=0, output_size=total)
+def expert_of_each_row(tokens_per_expert: Sequence[int], device) -> Tensor:
+    """[A] index of the expert each of the A chosen rows belongs to (rows sorted by expert)."""
+    counts = torch.tensor(list(tokens_per_expert), device=device)
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts,
+                                   output_size=sum(tokens_per_expert))
 
 
 def run_experts_grouped(
@@ -82,17 +84,17 @@ def run_experts_grouped(
     offsets = torch.tensor(tokens_per_expert, dtype=torch.int64).cumsum(0).to(
         device=x_AH.device, dtype=torch.int32
     )
-    total = x_AH.shape[0]
+    expert_A = None if b1 is None and b2 is None else expert_of_each_row(tokens_per_expert, x_AH.device)
     # Tensor parallelism: each rank holds a slice of every expert's FFN width, as Megatron's
     # ColumnParallel/RowParallel linears do; one reduction for all experts instead of one each.
     x_AH = copy_to_tensor_model_parallel_region(x_AH)
     h_AO = torch._grouped_mm(x_AH, w1.transpose(1, 2), offs=offsets)
     if b1 is not None:
-        h_AO = h_AO + _expand_bias(b1, tokens_per_expert, total)
+        h_AO = h_AO + b1[expert_A]
     y_AH = torch._grouped_mm(_swiglu(h_AO, activation), w2.transpose(1, 2), offs=offsets)
     y_AH = reduce_from_tensor_model_parallel_region(y_AH)
     if b2 is not None:
-        y_AH = y_AH + _expand_bias(b2, tokens_per_expert, total)
+        y_AH = y_AH + b2[expert_A]
     return y_AH
 
 
@@ -105,8 +107,7 @@ def run_experts_padded(
     total, hidden = x_AH.shape
     counts = torch.tensor(list(tokens_per_expert), device=x_AH.device)
     # Row of each chosen token in the padded [E * C_max] layout: expert * C_max + rank within expert.
-    expert_A = torch.repeat_interleave(torch.arange(num_experts, device=x_AH.device), counts,
-                                       output_size=total)
+    expert_A = expert_of_each_row(tokens_per_expert, x_AH.device)
     first_row_E = torch.cumsum(counts, 0) - counts
     slot_A = expert_A * capacity + torch.arange(total, device=x_AH.device) - first_row_E[expert_A]
 

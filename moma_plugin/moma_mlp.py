@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .config import ExpertGroup, MoMaConfig, expert_capacity
 from .experts import (
+    expert_of_each_row,
     grouped_mm_supported,
     run_experts_grouped,
     run_experts_loop,
@@ -186,11 +187,7 @@ class MoMaMLP(MegatronModule):
             return
         self._recorded_forward_id = layout.forward_id
         num_modalities, num_experts = self.tokens_per_expert_ME.shape
-        counts = torch.tensor(plan.tokens_per_expert, device=plan.token_index_A.device)
-        expert_A = torch.repeat_interleave(
-            torch.arange(num_experts, device=counts.device), counts,
-            output_size=plan.token_index_A.numel(),
-        )
+        expert_A = expert_of_each_row(plan.tokens_per_expert, plan.token_index_A.device)
         modality_A = layout.modality_ids_T[plan.token_index_A]
         self.tokens_per_expert_ME += torch.bincount(
             modality_A * num_experts + expert_A, minlength=num_modalities * num_experts
