@@ -87,12 +87,13 @@ def run_experts_grouped(
     expert_A = None if b1 is None and b2 is None else expert_of_each_row(tokens_per_expert, x_AH.device)
     # Tensor parallelism: each rank holds a slice of every expert's FFN width, as Megatron's
     # ColumnParallel/RowParallel linears do; one reduction for all experts instead of one each.
-    x_AH = copy_to_tensor_model_parallel_region(x_AH)
+    group = experts[0].tp_group  # the MLPs' own TP group (the model's pg_collection.tp)
+    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=group)
     h_AO = torch._grouped_mm(x_AH, w1.transpose(1, 2), offs=offsets)
     if b1 is not None:
         h_AO = h_AO + b1[expert_A]
     y_AH = torch._grouped_mm(_swiglu(h_AO, activation), w2.transpose(1, 2), offs=offsets)
-    y_AH = reduce_from_tensor_model_parallel_region(y_AH)
+    y_AH = reduce_from_tensor_model_parallel_region(y_AH, group=group)
     if b2 is not None:
         y_AH = y_AH + b2[expert_A]
     return y_AH
@@ -111,14 +112,15 @@ def run_experts_padded(
     first_row_E = torch.cumsum(counts, 0) - counts
     slot_A = expert_A * capacity + torch.arange(total, device=x_AH.device) - first_row_E[expert_A]
 
-    x_AH = copy_to_tensor_model_parallel_region(x_AH)
+    group = experts[0].tp_group
+    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=group)
     x_ECH = x_AH.new_zeros(num_experts * capacity, hidden).index_copy(0, slot_A, x_AH)
     x_ECH = x_ECH.view(num_experts, capacity, hidden)
     h_ECO = torch.bmm(x_ECH, w1.transpose(1, 2))
     if b1 is not None:
         h_ECO = h_ECO + b1.unsqueeze(1)
     y_ECH = torch.bmm(_swiglu(h_ECO, activation), w2.transpose(1, 2))
-    y_AH = reduce_from_tensor_model_parallel_region(y_ECH.reshape(-1, hidden)[slot_A])
+    y_AH = reduce_from_tensor_model_parallel_region(y_ECH.reshape(-1, hidden)[slot_A], group=group)
     if b2 is not None:
         y_AH = y_AH + b2[expert_A]
     return y_AH

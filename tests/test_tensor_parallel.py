@@ -1,90 +1,289 @@
-"""Tensor parallelism: two gloo processes at TP=2 give the logits, loss and gradients of the TP=1 model
-built from the same weights."""
+"""Tensor parallelism: a MoMaGPTModel split over two gloo processes (TP=2) gives the logits, loss and
+gradients of the TP=1 model built from the same weights.
 
+The TP=1 references are computed in the pytest process; one spawn of two ranks then runs every variant
+(expert execution 'loop' / 'grouped' / padded-bmm fallback, with and without biases) on weights sharded
+from the TP=1 state dict the way Megatron shards a master weight. Ranks write their results to files
+that the tests compare; an exception in a rank fails the fixture (spawn re-raises it), a hang fails it
+after ``JOIN_TIMEOUT_S``.
+"""
+
+import contextlib
 import os
-import pickle
+import re
 import time
+from collections import Counter
+from unittest import mock
 
 import pytest
 import torch
 import torch.multiprocessing as torch_mp
 
+import moma_plugin as mp
+from moma_plugin import moma_mlp as moma_mlp_module
+
 from .conftest import free_port
 from .helpers import random_batch, tiny_config, tiny_model
 
 TP = 2
+JOIN_TIMEOUT_S = 90
+BATCH, SEQ, VOCAB = 2, 16, 64
+
+# name -> (config overrides, expert path that must run). Sizes keep every fp32 row stride of the
+# per-rank expert weights a multiple of 16 bytes (H=32, 2F=64, F=32 at TP=2), so 'grouped' really
+# runs torch._grouped_mm on CPU; 'padded' hides _grouped_mm to run the bmm fallback.
+_BASE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64)
+VARIANTS = {
+    "loop": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="loop"), "loop"),
+    "grouped": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="grouped"), "grouped"),
+    "padded": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="grouped"), "padded"),
+    "loop-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
+                          moma_expert_execution="loop"), "loop"),
+    "grouped-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
+                             moma_expert_execution="grouped"), "grouped"),
+    "padded-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
+                            moma_expert_execution="grouped"), "padded"),
+}
+
+# Run at TP=1 on each rank's own process group while the global TP size is 2.
+OWN_GROUP_VARIANTS = ("loop", "grouped", "padded")
+
+# Parameters Megatron splits across TP ranks (with their partition dim and stride); all others are
+# replicated, the MoMa routers among them.
+EXPECTED_SPLITS = [
+    (r"embedding\.word_embeddings\.weight", 0, 1),
+    (r"output_layer\.weight", 0, 1),
+    (r".*\.self_attention\.linear_qkv\.(weight|bias)", 0, 1),
+    (r".*\.self_attention\.linear_proj\.weight", 1, 1),
+    (r".*\.mlp\.experts\.\w+\.\d+\.linear_fc1\.(weight|bias)", 0, 2),  # SwiGLU [gate; up]
+    (r".*\.mlp\.experts\.\w+\.\d+\.linear_fc2\.weight", 1, 1),
+]
 
 
 def shard(full: torch.Tensor, param: torch.nn.Parameter, rank: int, world: int) -> torch.Tensor:
-    """This rank's part of a TP=1 tensor, split as Megatron splits a master weight: pieces of
-    size/stride along partition_dim, rank r taking pieces r, r+world, ... (SwiGLU fc1 has stride 2)."""
+    """This rank's part of a TP=1 tensor, as megatron.core.tensor_parallel.layers.
+    _initialize_affine_weight_cpu splits a master weight: torch.split into pieces of
+    per_partition_size // stride along partition_dim, rank r taking pieces r, r + world, ...
+    (the SwiGLU fc1 has stride 2: each rank holds its slice of the gate and its slice of the up
+    projection). Parameters without ``tensor_model_parallel`` are replicated."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
     dim, stride = param.partition_dim, param.partition_stride
-    pieces = torch.split(full, full.shape[dim] // (world * stride), dim=dim)
+    per_partition = full.shape[dim] // world
+    assert per_partition * world == full.shape[dim] and per_partition % stride == 0
+    pieces = torch.split(full, per_partition // stride, dim=dim)
     return torch.cat(pieces[rank::world], dim=dim)
 
 
-def _rank_main(rank: int, port: int, execution: str, payload_path: str, result_dir: str):
+@contextlib.contextmanager
+def expert_paths(force_padded: bool):
+    """Counts which expert implementation MoMaMLP.compute calls; optionally hides _grouped_mm."""
+    calls = Counter()
+
+    def counting(name):
+        original = getattr(moma_mlp_module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name.replace("run_experts_", "")] += 1
+            return original(*args, **kwargs)
+
+        return mock.patch.object(moma_mlp_module, name, wrapper)
+
+    with contextlib.ExitStack() as stack:
+        for name in ("run_experts_loop", "run_experts_grouped", "run_experts_padded"):
+            stack.enter_context(counting(name))
+        if force_padded:
+            stack.enter_context(
+                mock.patch.object(moma_mlp_module, "grouped_mm_supported", lambda *a: False))
+        yield calls
+
+
+def run_variant(model, batch, loss_weights, path):
+    """Logits (local vocab shard), per-token loss, gradients, and the expert paths that ran."""
+    tokens, position_ids, modality_ids = batch
+    with expert_paths(force_padded=path == "padded") as calls:
+        logits = model(tokens, position_ids, None, modality_ids=modality_ids).detach()
+        loss = model(tokens, position_ids, None, labels=tokens, modality_ids=modality_ids)
+        (loss * loss_weights).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return logits, loss.detach(), grads, dict(calls)
+
+
+def run_logits_only(model, batch, path):
+    """Logits and the gradients of a fixed random projection of them. Used where Megatron's own
+    loss cannot run: its non-fused vocab-parallel cross entropy always reduces over the global TP
+    group, whatever the model's ``pg_collection`` says."""
+    tokens, position_ids, modality_ids = batch
+    with expert_paths(force_padded=path == "padded") as calls:
+        logits = model(tokens, position_ids, None, modality_ids=modality_ids)
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7))
+        (logits * weights).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return logits.detach(), grads, dict(calls)
+
+
+def _rank_main(rank: int, port: int, payload_path: str, result_dir: str):
+    torch.set_num_threads(1)  # two ranks on two cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=TP)
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-    with open(payload_path, "rb") as f:
-        payload = pickle.load(f)
-    model = tiny_model(tiny_config(tensor_model_parallel_size=TP, moma_expert_execution=execution))
-    params = dict(model.named_parameters())
-    model.load_state_dict(
-        {name: shard(full, params[name], rank, TP) if name in params else full
-         for name, full in payload["state"].items()}
-    )
-    tokens, position_ids, modality_ids = payload["batch"]
-    logits = model(tokens, position_ids, None, modality_ids=modality_ids)  # vocab-sharded
-    pieces = [torch.empty_like(logits) for _ in range(TP)]
-    torch.distributed.all_gather(pieces, logits.detach().contiguous())
-    loss = model(tokens, position_ids, None, labels=tokens, modality_ids=modality_ids)
-    (loss * payload["loss_weights"]).sum().backward()
-    result = {
-        "logits": torch.cat(pieces, dim=-1),
-        "loss": loss.detach(),
-        "grads": {n: p.grad for n, p in params.items()},
-        "shards": {n: bool(getattr(p, "tensor_model_parallel", False)) for n, p in params.items()},
-    }
-    torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    assert parallel_state.get_tensor_model_parallel_rank() == rank
+    payload = torch.load(payload_path, weights_only=False)
+    batch, loss_weights = payload["batch"], payload["loss_weights"]
+    for variant, (overrides, path) in VARIANTS.items():
+        model = tiny_model(tiny_config(tensor_model_parallel_size=TP, **overrides),
+                           vocab_size=VOCAB, seq_length=SEQ, seed=1000 + rank)
+        params = dict(model.named_parameters())
+        model.load_state_dict(
+            {name: shard(full, params[name], rank, TP) if name in params else full
+             for name, full in payload["states"][variant].items()},
+            strict=True,
+        )
+        logits, loss, grads, calls = run_variant(model, batch, loss_weights, path)
+        pieces = [torch.empty_like(logits) for _ in range(TP)]
+        torch.distributed.all_gather(pieces, logits.contiguous())  # vocab shards, in rank order
+        torch.save(
+            {
+                "logits": torch.cat(pieces, dim=-1),
+                "local_vocab": logits.shape[-1],
+                "loss": loss,
+                "grads": grads,
+                "splits": {n: (p.partition_dim, p.partition_stride) for n, p in params.items()
+                           if getattr(p, "tensor_model_parallel", False)},
+                "calls": calls,
+            },
+            os.path.join(result_dir, f"{variant}-rank{rank}.pt"),
+        )
+    # A model handed its own process groups (here: TP=1 on each rank while the global TP size is 2)
+    # must reduce over its own TP group, not the global one, on every expert path.
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    solo_groups = [torch.distributed.new_group([r]) for r in range(TP)]  # collective: every rank
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    pg_collection.tp = solo_groups[rank]
+    for variant in OWN_GROUP_VARIANTS:
+        overrides, path = VARIANTS[variant]
+        config = tiny_config(**overrides)
+        model = mp.MoMaGPTModel(config, mp.get_moma_layer_spec(config, use_te=False),
+                                vocab_size=VOCAB, max_sequence_length=SEQ,
+                                pg_collection=pg_collection)
+        model.load_state_dict(payload["states"][variant], strict=True)
+        logits, grads, calls = run_logits_only(model, batch, path)
+        torch.save({"logits": logits, "grads": grads, "calls": calls},
+                   os.path.join(result_dir, f"own-group-{variant}-rank{rank}.pt"))
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("execution", ["grouped", "loop"])
-def test_tp2_matches_tp1(execution, tmp_path, megatron_single_process):
-    model = tiny_model(tiny_config(moma_expert_execution=execution))
-    batch = random_batch(2, 16)
-    tokens, position_ids, modality_ids = batch
-    loss_weights = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(5))
-    logits = model(tokens, position_ids, None, modality_ids=modality_ids).detach()
-    loss = model(tokens, position_ids, None, labels=tokens, modality_ids=modality_ids)
-    (loss * loss_weights).sum().backward()
-    with open(tmp_path / "payload.pkl", "wb") as f:
-        pickle.dump({"state": model.state_dict(), "batch": batch, "loss_weights": loss_weights}, f)
+@pytest.fixture(scope="module")
+def tp_results(megatron_single_process, tmp_path_factory):
+    """{variant: (TP=1 reference, [rank 0 result, rank 1 result])}."""
+    workdir = tmp_path_factory.mktemp("tensor_parallel")
+    batch = random_batch(BATCH, SEQ, VOCAB)
+    loss_weights = torch.rand(BATCH, SEQ, generator=torch.Generator().manual_seed(5))
+    references, states = {}, {}
+    for variant, (overrides, path) in VARIANTS.items():
+        model = tiny_model(tiny_config(**overrides), vocab_size=VOCAB, seq_length=SEQ, seed=0)
+        states[variant] = model.state_dict()
+        logits, loss, grads, calls = run_variant(model, batch, loss_weights, path)
+        references[variant] = dict(logits=logits, loss=loss, grads=grads, calls=calls,
+                                   params=dict(model.named_parameters()))
+    for variant in OWN_GROUP_VARIANTS:
+        model = tiny_model(tiny_config(**VARIANTS[variant][0]), vocab_size=VOCAB, seq_length=SEQ)
+        model.load_state_dict(states[variant])
+        logits, grads, calls = run_logits_only(model, batch, VARIANTS[variant][1])
+        references[f"own-group-{variant}"] = dict(logits=logits, grads=grads, calls=calls)
+    payload_path = workdir / "payload.pt"
+    torch.save({"states": states, "batch": batch, "loss_weights": loss_weights}, payload_path)
 
-    context = torch_mp.spawn(
-        _rank_main, args=(free_port(), execution, str(tmp_path / "payload.pkl"), str(tmp_path)),
-        nprocs=TP, join=False,
-    )
-    # join() raises if a rank failed and returns False while any rank still runs.
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=max(deadline - time.monotonic(), 1)):
-        if time.monotonic() > deadline:
+    context = torch_mp.spawn(_rank_main, args=(free_port(), str(payload_path), str(workdir)),
+                             nprocs=TP, join=False)
+    # join() re-raises a rank's exception (and ends the other rank); it returns False on timeout.
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() >= deadline:
             for process in context.processes:
-                process.kill()
-            pytest.fail("TP=2 ranks did not finish within 180 s")
-    params = dict(model.named_parameters())
-    for rank in range(TP):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(result["logits"], logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
-        assert any(result["shards"].values())  # the experts and attention really were split
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"TP={TP} ranks did not finish within {JOIN_TIMEOUT_S} s")
+    results = {
+        variant: (references[variant],
+                  [torch.load(workdir / f"{variant}-rank{rank}.pt", weights_only=False)
+                   for rank in range(TP)])
+        for variant in VARIANTS
+    }
+    for variant in OWN_GROUP_VARIANTS:
+        results[f"own-group-{variant}"] = (
+            references[f"own-group-{variant}"],
+            [torch.load(workdir / f"own-group-{variant}-rank{rank}.pt", weights_only=False)
+             for rank in range(TP)])
+    return results
+
+
+def test_shard_matches_megatron_master_weight_split():
+    """The helper reproduces Megatron's own split of a master weight (stride 1 and 2)."""
+    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+
+    master = torch.arange(8 * 6, dtype=torch.float32).view(8, 6)
+    for dim, stride in ((0, 1), (0, 2), (1, 1)):
+        for rank in range(TP):
+            size = master.shape[dim] // TP
+            weight = torch.nn.Parameter(torch.empty(size if dim == 0 else 8, 6 if dim == 0 else size))
+            _initialize_affine_weight_cpu(weight, 8, 6, size, dim, lambda w: w.copy_(master),
+                                          stride=stride, rank=rank, world_size=TP)
+            assert (weight.partition_dim, weight.partition_stride) == (dim, stride)
+            torch.testing.assert_close(shard(master, weight, rank, TP), weight.data, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tp2_matches_tp1(tp_results, variant):
+    reference, ranks = tp_results[variant]
+    _, path = VARIANTS[variant]
+    num_layers = _BASE["num_layers"]
+    assert reference["calls"] == {path: 2 * num_layers}, reference["calls"]  # two forwards
+    params = reference["params"]
+    for rank, result in enumerate(ranks):
+        where = f"{variant}, rank {rank}"
+        # The expert implementation under test really ran on this rank (no silent fallback).
+        assert result["calls"] == {path: 2 * num_layers}, (where, result["calls"])
+        # The model really is split: experts, attention and vocab over TP ranks, routers replicated.
+        for name in params:
+            expected = [(d, s) for pattern, d, s in EXPECTED_SPLITS if re.fullmatch(pattern, name)]
+            assert result["splits"].get(name) == (expected[0] if expected else None), (where, name)
+        assert result["local_vocab"] == VOCAB // TP
+
+        torch.testing.assert_close(result["logits"], reference["logits"], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{where}: logits\n{m}")
+        torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{where}: loss\n{m}")
+
+        assert result["grads"].keys() == params.keys()
+        assert any(".mlp.router." in n for n in params)
+        assert any(re.fullmatch(r".*\.experts\.\w+\.\d+\.linear_fc2\.weight", n) for n in params)
         for name, grad in result["grads"].items():
-            expected = shard(params[name].grad, params[name], rank, TP) \
-                if result["shards"][name] else params[name].grad
-            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5, msg=name)
+            # Replicated parameters (routers, norms, ...) get the full TP=1 gradient on every rank;
+            # split ones get this rank's slice of it. Gradients here are ~1e-3: the absolute
+            # tolerance scales with each tensor (observed TP=1 vs TP=2 differences are < 1e-6 of it).
+            expected = shard(reference["grads"][name], params[name], rank, TP)
+            scale = expected.abs().max().item()
+            assert scale > 0 and grad.abs().max() > 0, (where, name)
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=2e-5 * scale,
+                                       msg=lambda m, name=name: f"{where}: grad of {name}\n{m}")
+
+
+@pytest.mark.parametrize("variant", OWN_GROUP_VARIANTS)
+def test_model_reduces_over_its_own_tp_group(tp_results, variant):
+    """A model built with ``pg_collection`` (TP=1 per rank) while Megatron's global TP size is 2
+    equals the single-process TP=1 model: no expert path reduces over the global TP group.
+    (Reducing over the global group doubles the expert outputs here.)"""
+    reference, ranks = tp_results[f"own-group-{variant}"]
+    _, path = VARIANTS[variant]
+    for rank, result in enumerate(ranks):
+        assert result["calls"] == {path: _BASE["num_layers"]}, (rank, result["calls"])
+        torch.testing.assert_close(result["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
+        assert result["grads"].keys() == reference["grads"].keys()
+        for name, grad in result["grads"].items():
+            torch.testing.assert_close(grad, reference["grads"][name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"rank {rank}: grad of {name}\n{m}")
