@@ -11,8 +11,14 @@ setup(
         "torch>=2.4", "megatron-core>=0.14", "numpy", "pyyaml",
         # data pipeline: BPE text tokenizer, k-means image codebook, images bundled in scikit-learn
         "tokenizers>=0.15", "scikit-learn>=1.3", "pillow", "tqdm",
+        # training job: TensorBoard event files, loss-vs-FLOPs plots
+        "tensorboard", "matplotlib",
     ],
-    entry_points={"console_scripts": ["moma-preprocess=moma_plugin.data.preprocess:main"]},
+    entry_points={"console_scripts": [
+        "moma-preprocess=moma_plugin.data.preprocess:main",
+        "moma-pretrain=moma_plugin.pretrain:main",
+        "moma-compare=moma_plugin.compare:main",
+    ]},
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "deepspeed": ["deepspeed>=0.15"],

@@ -20,19 +20,9 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 import moma_plugin as mp  # noqa: E402
-from moma_plugin.data.corpus import default_cache_dir  # noqa: E402
-from moma_plugin.data.dataset import build_datasets, dataset_exists  # noqa: E402
+from moma_plugin.data.corpus import bundled_dataset_prefix  # noqa: E402
+from moma_plugin.data.dataset import build_datasets  # noqa: E402
 from moma_plugin.data.sampler import BalancedSampler, target_shares_from_experts  # noqa: E402
-
-
-def bundled_dataset_prefix() -> str:
-    prefix = default_cache_dir() / "builtin_dataset" / "builtin"
-    if not dataset_exists(prefix):
-        from moma_plugin.data.preprocess import main as preprocess
-
-        print(f"building the bundled dataset at {prefix} ...")
-        preprocess(["--builtin", "--output-prefix", str(prefix), "--quiet"])
-    return str(prefix)
 
 
 def collate(items):

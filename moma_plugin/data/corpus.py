@@ -122,3 +122,17 @@ def build_builtin_corpus(directory: Union[str, Path, None] = None, seed: int = 1
             f.write(json.dumps(document) + "\n")
     partial.rename(jsonl)  # a crash mid-write never leaves a truncated corpus behind
     return jsonl
+
+
+def bundled_dataset_prefix(quiet: bool = True) -> str:
+    """Indexed-dataset prefix of the bundled corpus, preprocessed into the cache on first use (a few
+    seconds). In a multi-process job, call it on one rank first and barrier before the others read."""
+    from .dataset import dataset_exists
+
+    prefix = default_cache_dir() / f"builtin_dataset_v{CORPUS_VERSION}" / "builtin"
+    if not dataset_exists(prefix):
+        from .preprocess import main as preprocess
+
+        print(f"building the bundled dataset at {prefix} ...", flush=True)
+        preprocess(["--builtin", "--output-prefix", str(prefix)] + (["--quiet"] if quiet else []))
+    return str(prefix)

@@ -1,0 +1,1 @@
+"""The pretraining job (``moma-pretrain``): flags, training loop, checkpoints, metrics."""
