@@ -1,5 +1,12 @@
 """moma_plugin: modality-aware sparse architectures (MoMa) for Megatron-Core pretraining jobs."""
 
+import warnings
+
+# megatron-core announces at import that the optional Apex / Transformer Engine kernels are absent and
+# that its own default CUDA-graph scope is deprecated; neither concerns the user of this plugin.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", module=r"megatron")
+warnings.filterwarnings("ignore", message="full scope is deprecated", module=r"megatron")
+
 from .args import add_moma_args, moma_config_from_args
 from .attention import SDPACoreAttention
 from .block import MoMaTransformerBlock

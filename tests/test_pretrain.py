@@ -302,3 +302,29 @@ def test_data_and_tensor_parallel_runs_match_one_process(megatron_single_process
                 assert losses[i] == pytest.approx(expected.train_losses[i], rel=1e-5, abs=1e-5), (kind, i)
             for key in ("loss_text", "loss_image"):
                 assert evaluation[key] == pytest.approx(expected.eval[key], rel=1e-5), (kind, key)
+
+
+def test_paper_configs_parse_and_are_flops_matched():
+    """examples/configs/paper: every file parses, and each sparse config's training FLOPs per token
+    are within 0.5% of its dense counterpart's (the router's share)."""
+    from moma_plugin.args import moma_config_from_args
+    from moma_plugin.flops import training_flops_per_token
+
+    files = sorted((REPO / "examples" / "configs" / "paper").glob("*.yaml"))
+    assert len(files) == 18
+    flops = {}
+    for path in files:
+        args = parse_args(["--config", str(path)])
+        assert (args.seq_length, args.lr, args.lr_warmup_iters, args.lr_decay_style) == (4096, 1e-4, 4000, "linear")
+        assert args.min_lr == pytest.approx(0.01 * args.lr)
+        config = moma_config_from_args(args, add_bias_linear=not args.disable_bias_linear)
+        flops[path.stem] = training_flops_per_token(config, args.seq_length, 65536)
+    for size in ("90m", "435m", "1.4b"):
+        for experts in ("8x", "1t1i", "4t4i", "6t2i", "7t1i"):
+            ratio = flops[f"{experts}_{size}"] / flops[f"dense_{size}"]
+            assert 1 <= ratio < 1.005, (experts, size, ratio)
+    # The demo YAML writes out the defaults (the global batch is derived when not given).
+    tiny = vars(parse_args(["--config", str(REPO / "examples/configs/tiny_cpu.yaml")]))
+    defaults = vars(parse_args([]))
+    differing = {k for k in tiny if tiny[k] != defaults[k]}
+    assert differing == {"config", "global_batch_size"} and tiny["global_batch_size"] == 8
