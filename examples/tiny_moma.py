@@ -5,8 +5,8 @@
 First run: builds the bundled corpus (handwritten digits and photo crops that ship in scikit-learn,
 captioned) and preprocesses it into a Megatron indexed dataset under $MOMA_CACHE (a few seconds).
 Training draws micro-batches with the balanced sampler, so the text:image token ratio of every
-micro-batch stays within 5% of the 1:1 expert ratio. The full `moma-pretrain` job (checkpoints, resume,
-TensorBoard, FLOPs accounting) is the next step of this project.
+micro-batch stays within 5% of the 1:1 expert ratio. A minimal loop to read; the full job (checkpoints,
+resume, TensorBoard, FLOPs accounting, evaluation) is `moma-pretrain` (docs/TRAINING.md).
 """
 
 import argparse
