@@ -141,8 +141,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert f"resumed from {checkpointing.iteration_dir(run_dir / 'checkpoints', saved)}" in proc.stdout
 
 
+@pytest.mark.parametrize("save_interval", ["100", "2"])  # "2": the last good state is saved already
 def test_nan_loss_stops_after_saving_the_last_good_state(megatron_single_process, tmp_path,
-                                                         monkeypatch, capsys):
+                                                         monkeypatch, capsys, save_interval):
     calls = {"n": 0}
     real = loop.forward_loss
 
@@ -153,9 +154,11 @@ def test_nan_loss_stops_after_saving_the_last_good_state(megatron_single_process
 
     monkeypatch.setattr(loop, "forward_loss", poisoned)
     result = loop.pretrain([*TINY, "--train-iters", "10", "--eval-interval", "100",
-                            "--run-dir", str(tmp_path)])
+                            "--save-interval", save_interval, "--run-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert result.status == "nan" and result.iteration == 2
+    assert result.checkpoint == checkpointing.iteration_dir(tmp_path / "checkpoints", 2)
+    assert f"is in {result.checkpoint}" in err
     assert "non-finite loss at iteration 3" in err and "Lower --lr" in err
     assert checkpointing.read_tracker(tmp_path / "checkpoints") == 2
     state = checkpointing.load_checkpoint(str(tmp_path / "checkpoints"), 0)

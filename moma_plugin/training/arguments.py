@@ -8,6 +8,7 @@ The defaults are the tiny CPU demo: ``moma-pretrain`` alone trains a 4t4i model 
 
 import argparse
 import math
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
@@ -160,17 +161,12 @@ def _yaml_to_argv(path: str, parser: argparse.ArgumentParser) -> List[str]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Defaults < ``--config`` YAML < command line; then derived values and checks."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     file_argv = _yaml_to_argv(known.config, parser) if known.config else []
-    args = parser.parse_args(file_argv + list(argv if argv is not None else _sys_argv()))
+    args = parser.parse_args(file_argv + argv)
     return finalize_args(args, parser)
-
-
-def _sys_argv() -> List[str]:
-    import sys
-
-    return sys.argv[1:]
 
 
 def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:

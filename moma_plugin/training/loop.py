@@ -273,8 +273,7 @@ def train_step(model, optimizer, scheduler, micro_batches, layout, args, paralle
         sums += modality_loss_sums(loss_BS, batch["loss_mask"], label_mod, num_modalities)
     torch.distributed.all_reduce(sums, group=parallel.dp_group)
     allreduce_gradients(model, parallel)
-    loss = float(sums[0].sum() / sums[1].sum().clamp(min=1))
-    if not math.isfinite(loss):
+    if not math.isfinite(mean_loss(sums)):
         return sums, float("nan"), False
     grad_norm = clip_gradients(model, args.clip_grad, parallel)
     if not math.isfinite(grad_norm):
@@ -317,8 +316,13 @@ def evaluate(model, dataset, args, layout, parallel: Parallel) -> Dict[str, floa
     return losses_from_sums(sums, layout.modalities, with_ppl=True)
 
 
+def mean_loss(sums: torch.Tensor) -> float:
+    """Mean loss over all modalities from [2, M] loss sums and token counts."""
+    return float(sums[0].sum() / sums[1].sum().clamp(min=1))
+
+
 def losses_from_sums(sums: torch.Tensor, modalities, with_ppl: bool = False) -> Dict[str, float]:
-    out = {"loss": float(sums[0].sum() / sums[1].sum().clamp(min=1))}
+    out = {"loss": mean_loss(sums)}
     for m, name in enumerate(modalities):
         out[f"loss_{name}"] = float(sums[0, m] / sums[1, m]) if sums[1, m] > 0 else float("nan")
     if with_ppl:
@@ -455,9 +459,19 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
               f"{args.global_batch_size} ({num_micro} micro-batch(es) of {args.micro_batch_size} per "
               f"rank); {flops_per_token / 1e6:.2f} MFLOP per token; run dir {run_dir}", flush=True)
 
+    # The checkpoint of the newest saved iteration in --save: (iteration, directory).
+    last_saved = None
+    if load_dir is not None and save_dir is not None and Path(load_dir).resolve() == save_dir.resolve():
+        last_saved = (iteration, checkpointing.iteration_dir(save_dir, iteration))
+
     def save(at: int) -> Optional[Path]:
+        """Checkpoints iteration ``at`` into --save unless it is there already; its directory
+        (None with --no-save)."""
+        nonlocal last_saved
         if save_dir is None:
             return None
+        if last_saved is not None and last_saved[0] == at:
+            return last_saved[1]
         state = {
             "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
             "iteration": at,
@@ -473,6 +487,7 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
         path = checkpointing.save_checkpoint(str(save_dir), at, state, parallel.tp_rank,
                                              writes=parallel.dp_rank == 0)
         writer.flush()
+        last_saved = (at, path)
         return path
 
     result = RunResult("completed", iteration, run_dir, None)
@@ -482,7 +497,6 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
     bar = tqdm(total=args.train_iters, initial=iteration, unit="it", dynamic_ncols=True,
                disable=(not args.progress_bar) or (not parallel.is_first) or None)
     interval = _Interval(len(layout.modalities))
-    last_saved = iteration if load_dir is not None else None
     try:
         while iteration < args.train_iters:
             start = time.perf_counter()
@@ -492,26 +506,26 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
                                                  args, parallel)
             if not finite:
                 losses = losses_from_sums(sums, layout.modalities)
-                saved = last_saved if last_saved == iteration else save(iteration)
+                what = "gradient norm" if math.isfinite(losses["loss"]) else "loss"
+                saved = save(iteration)
                 message = (
-                    f"moma-pretrain: stopping: non-finite {'loss' if not math.isfinite(losses['loss']) else 'gradient norm'} "
-                    f"at iteration {iteration + 1} (loss {losses['loss']}, "
+                    f"moma-pretrain: stopping: non-finite {what} at iteration {iteration + 1} "
+                    f"(loss {losses['loss']}, "
                     + ", ".join(f"{m} {losses[f'loss_{m}']}" for m in layout.modalities)
                     + f", grad norm {grad_norm}). The step was not applied. "
-                    + (f"The last good state (iteration {iteration}) is in {saved or save_dir}. "
-                       if save_dir is not None else "")
+                    + (f"The last good state (iteration {iteration}) is in {saved}. " if saved else "")
                     + "Lower --lr, raise --lr-warmup-iters or lower --clip-grad, then resume with --load."
                 )
                 if parallel.is_first:
                     print(message, file=sys.stderr, flush=True)
-                result.status, result.checkpoint = "nan", (Path(saved) if saved else None)
+                result.status, result.checkpoint = "nan", saved
                 break
             elapsed = time.perf_counter() - start
             iteration += 1
             consumed_tokens += tokens_per_iteration
             flops_so_far += flops_per_token * tokens_per_iteration
             train_seconds += elapsed
-            result.train_losses[iteration] = float(sums[0].sum() / sums[1].sum().clamp(min=1))
+            result.train_losses[iteration] = mean_loss(sums)
             interval.add(sums, elapsed, micro_batches, grad_norm)
             bar.update(1)
 
@@ -541,31 +555,25 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
             torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
             if stop.item() > 0:
                 result.status, result.checkpoint = "signal", save(iteration)
-                last_saved = iteration
                 if parallel.is_first:
                     tqdm.write(f"received SIGTERM: saved iteration {iteration} to {result.checkpoint}; "
                                "run the same command again (or pass --load) to resume")
                 break
             if args.exit_interval and iteration % args.exit_interval == 0:
                 result.status, result.checkpoint = "exit-interval", save(iteration)
-                last_saved = iteration
                 if parallel.is_first:
                     tqdm.write(f"--exit-interval {args.exit_interval}: saved iteration {iteration} to "
                                f"{result.checkpoint} and stopped")
                 break
             if iteration % args.save_interval == 0 and iteration < args.train_iters:
                 result.checkpoint = save(iteration)
-                last_saved = iteration
     finally:
         bar.close()
         exit_signal.restore()
 
     result.iteration = iteration
     if result.status == "completed":
-        if last_saved != iteration:
-            result.checkpoint = save(iteration)
-        elif save_dir is not None:
-            result.checkpoint = checkpointing.iteration_dir(save_dir, iteration)
+        result.checkpoint = save(iteration)
         result.eval = evaluate(model, valid_set, args, layout, parallel)
         writer.write("eval", iteration, dict(result.eval, tokens=consumed_tokens, flops=flops_so_far))
         writer.flush()
