@@ -23,26 +23,22 @@ import moma_plugin as mp  # noqa: E402
 from moma_plugin.data.corpus import bundled_dataset_prefix  # noqa: E402
 from moma_plugin.data.dataset import build_datasets  # noqa: E402
 from moma_plugin.data.sampler import BalancedSampler, target_shares_from_experts  # noqa: E402
-
-
-def collate(items):
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+from moma_plugin.training.loop import (  # noqa: E402
+    collate, forward_loss, label_modalities, losses_from_sums, modality_loss_sums,
+)
 
 
 @torch.no_grad()
 def per_modality_loss(model, dataset, batch_size=16):
+    """Held-out loss per modality of the predicted token, as moma-pretrain's evaluation counts it."""
     model.eval()
-    totals = torch.zeros(2)
-    counts = torch.zeros(2)
+    sums = torch.zeros(2, len(dataset.layout.modalities), dtype=torch.float64)
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                     modality_ids=batch["modality_ids"])
-        label_is_image = (batch["labels"] >= model.config.moma_vocab_ranges["image"][0]).long()
-        totals.index_add_(0, label_is_image.reshape(-1), loss.reshape(-1))
-        counts.index_add_(0, label_is_image.reshape(-1), torch.ones(loss.numel()))
+        sums += modality_loss_sums(forward_loss(model, batch), batch["loss_mask"],
+                                   label_modalities(batch, dataset.layout), sums.shape[1])
     model.train()
-    return (totals / counts.clamp(min=1)).tolist()
+    return losses_from_sums(sums, dataset.layout.modalities)
 
 
 def main():
@@ -86,8 +82,7 @@ def main():
     start = time.time()
     for step in range(1, args.steps + 1):
         batch = collate([train[i] for i in sampler.next_step()[0]])
-        loss_BS = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                        modality_ids=batch["modality_ids"])
+        loss_BS = forward_loss(model, batch)
         optimizer.zero_grad()
         loss_BS.mean().backward()
         optimizer.step()
@@ -102,10 +97,10 @@ def main():
                   f"{loss_BS[~image].mean().item():.3f}, image {loss_BS[image].mean().item():.3f}) | "
                   f"{tokens_per_s:,.0f} tok/s | image share {image_share:.3f} | "
                   f"layer1 tokens/expert text {loads[:2]} image {loads[2:]}")
-    text_loss, image_loss = per_modality_loss(model, valid)
+    held_out = per_modality_loss(model, valid)
     stats = sampler.stats()
-    print(f"done in {time.time() - start:.1f}s | held-out loss text {text_loss:.3f}, image "
-          f"{image_loss:.3f} | sampler worst ratio deviation "
+    print(f"done in {time.time() - start:.1f}s | held-out loss text {held_out['loss_text']:.3f}, image "
+          f"{held_out['loss_image']:.3f} | sampler worst ratio deviation "
           f"{stats.get('worst_deviation', float('nan')):.3f}, steps outside the bound "
           f"{stats['violations']}")
 
