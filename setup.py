@@ -18,6 +18,8 @@ setup(
         "moma-preprocess=moma_plugin.data.preprocess:main",
         "moma-pretrain=moma_plugin.pretrain:main",
         "moma-compare=moma_plugin.compare:main",
+        "moma-train-aux-routers=moma_plugin.training.aux_routers:main",
+        "moma-generate=moma_plugin.training.generate:main",
     ]},
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -8,11 +8,20 @@ warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not in
 warnings.filterwarnings("ignore", message="full scope is deprecated", module=r"megatron")
 
 from .args import add_moma_args, moma_config_from_args
-from .attention import SDPACoreAttention
+from .attention import KVCache, SDPACoreAttention
+from .aux_router import (
+    AuxRouter,
+    collect_aux_metrics,
+    has_trained_aux_routers,
+    mark_aux_routers_trained,
+    pop_aux_loss,
+    set_aux_router_training,
+    set_routing_mode,
+)
 from .block import MoMaTransformerBlock
 from .config import ExpertGroup, MoMaConfig, expert_capacity, parse_expert_groups
 from .layer import MoMaTransformerLayer, MoMaTransformerLayerSubmodules
-from .layout import ModalityLayout, build_modality_layout, modality_ids_from_tokens
+from .layout import ModalityLayout, build_modality_layout, modality_ids_from_tokens, narrow_layout
 from .metrics import collect_routing_metrics
 from .model import MoMaGPTModel
 from .moma_mlp import MoMaMLP, MoMaMLPSubmodules
@@ -26,6 +35,8 @@ from .specs import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuxRouter", "KVCache", "collect_aux_metrics", "has_trained_aux_routers", "mark_aux_routers_trained",
+    "narrow_layout", "pop_aux_loss", "set_aux_router_training", "set_routing_mode",
     "ExpertGroup", "ModalityLayout", "MoMaConfig", "MoMaGPTModel", "MoMaMLP", "MoMaMLPSubmodules",
     "MoMaTransformerBlock", "MoMaTransformerLayer", "MoMaTransformerLayerSubmodules",
     "SDPACoreAttention", "add_moma_args", "build_modality_layout", "collect_routing_metrics",

@@ -48,6 +48,18 @@ def add_moma_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Chameleon-style norm after each sublayer instead of before")
     group.add_argument("--moma-expert-execution", choices=("grouped", "loop"), default="grouped",
                        help="grouped matmul (fast) or the per-expert reference loop")
+    group.add_argument("--mod-interval", type=int, default=0,
+                       help="Mixture-of-Depths on every N-th layer from --mod-start-layer (0: off; "
+                            "paper: 2)")
+    group.add_argument("--mod-capacity", type=float, default=0.25,
+                       help="share of a micro-batch's tokens each MoD layer processes (paper: 0.25)")
+    group.add_argument("--mod-start-layer", type=int, default=0,
+                       help="0-based index of the first MoD layer (paper: 0)")
+    group.add_argument("--moma-aux-threshold", type=float, default=0.5,
+                       help="causal routing: a token is routed iff its aux-router score > this")
+    group.add_argument("--aux-router-joint", action="store_true",
+                       help="train the auxiliary routers during pretraining (stop-gradient on their "
+                            "input) instead of in a second stage")
     return parser
 
 

@@ -114,6 +114,19 @@ class MoMaConfig(TransformerConfig):
     moma_expert_execution: str = "grouped"
     """'grouped' (torch._grouped_mm, or padded bmm where it cannot run) or 'loop' (the reference)."""
 
+    mod_interval: int = 0
+    """Mixture-of-Depths on every ``mod_interval``-th layer from ``mod_start_layer`` (0: no MoD;
+    paper: 2)."""
+
+    mod_capacity: float = 0.25
+    """Share of a micro-batch's tokens a MoD layer processes: k_d = ceil(tokens * capacity)."""
+
+    mod_start_layer: int = 0
+    """0-based index of the first MoD layer (paper: 0)."""
+
+    moma_aux_threshold: float = 0.5
+    """Causal routing: a token goes to an expert / through a MoD layer iff its aux score > this."""
+
     def __post_init__(self):
         if self.ffn_hidden_size is None and self.hidden_size:
             self.ffn_hidden_size = 4 * self.hidden_size
@@ -161,6 +174,35 @@ class MoMaConfig(TransformerConfig):
         if self.mtp_num_layers:
             raise ValueError("multi-token prediction (mtp_num_layers) is not supported with MoMa yet.")
         self._check_vocab_ranges()
+        self._check_mod()
+
+    def _check_mod(self):
+        if self.mod_interval < 0 or self.mod_start_layer < 0:
+            raise ValueError(
+                f"mod_interval={self.mod_interval} and mod_start_layer={self.mod_start_layer} must be "
+                ">= 0 (mod_interval 0 turns Mixture-of-Depths off; paper: interval 2, start 0)."
+            )
+        if self.mod_interval and not 0 < self.mod_capacity <= 1:
+            raise ValueError(
+                f"mod_capacity={self.mod_capacity} must be in (0, 1]: the share of tokens a MoD layer "
+                "processes (paper: 0.25)."
+            )
+        if self.mod_interval and self.mod_start_layer >= self.num_layers:
+            raise ValueError(
+                f"mod_start_layer={self.mod_start_layer} leaves no MoD layer among num_layers="
+                f"{self.num_layers}; lower it or set mod_interval=0."
+            )
+        if not 0 < self.moma_aux_threshold < 1:
+            raise ValueError(f"moma_aux_threshold={self.moma_aux_threshold} must be in (0, 1).")
+
+    def is_mod_layer(self, layer_index: int) -> bool:
+        """Whether the layer of 0-based global index ``layer_index`` is a Mixture-of-Depths layer."""
+        return bool(self.mod_interval) and layer_index >= self.mod_start_layer and (
+            (layer_index - self.mod_start_layer) % self.mod_interval == 0)
+
+    @property
+    def num_mod_layers(self) -> int:
+        return sum(self.is_mod_layer(i) for i in range(self.num_layers))
 
     def _check_vocab_ranges(self):
         if self.moma_vocab_ranges is None:

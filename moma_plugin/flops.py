@@ -6,6 +6,12 @@ passes through about ``min(capacity_factor, |E^M|)`` experts on average (exactly
 multiple of |E^M|). Attention's score and value matmuls are counted over the whole s x s square, as the
 kernels without causal skipping compute them. Training FLOPs are 3x forward (forward + two backward
 matmuls per forward one).
+
+Mixture-of-Depths: a MoD layer runs its projections, router and FFN for a share ``mod_capacity`` of the
+tokens, and attention among them over packed sequences about ``mod_capacity * s`` long, so its attention
+core costs ``mod_capacity**2`` of a full layer's per token; its own router adds 2h per token. Auxiliary
+routers are counted only when they are trained alongside (``aux_routers=True``); at inference they
+replace nothing that is counted here but add their ``2h * h/2 + 2 * h/2 * experts`` per token.
 """
 
 from typing import Dict, Optional, Sequence
@@ -14,9 +20,10 @@ from .config import MoMaConfig
 
 
 def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int,
-                            modality_shares: Optional[Sequence[float]] = None) -> Dict[str, float]:
+                            modality_shares: Optional[Sequence[float]] = None,
+                            aux_routers: bool = False) -> Dict[str, float]:
     """Forward matmul FLOPs per token, by part: attention projections, attention core, router,
-    FFN (experts or dense), output logits, and their ``total``.
+    FFN (experts or dense), MoD routers, aux routers, output logits, and their ``total``.
 
     ``modality_shares``: token share of each modality (default equal); only routers of groups with
     different expert counts (7t1i) depend on it.
@@ -31,6 +38,8 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
     if len(shares) != config.num_modalities or abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"modality_shares {shares} needs one share per modality summing to 1.")
 
+    aux_hidden = max(h // 2, 1)
+    aux = 0.0
     if config.is_dense:
         router, expert_passes = 0.0, 1.0
     else:
@@ -39,18 +48,28 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
             share = sum(shares[m] for m in group.modalities)
             router += share * 2 * h * group.num_experts
             expert_passes += share * min(config.moma_capacity_factor, group.num_experts)
+            aux += share * (2 * h * aux_hidden + 2 * aux_hidden * group.num_experts)
     per_layer = {
         "attention_projections": 2 * h * (q_dim + 2 * kv_dim) + 2 * q_dim * h,
         "attention_core": 2 * 2 * seq_length * q_dim,
         "router": router,
         "ffn": expert_passes * ffn_per_pass,
     }
-    parts = {name: config.num_layers * value for name, value in per_layer.items()}
+    num_mod = config.num_mod_layers
+    full_layers = config.num_layers - num_mod
+    c = config.mod_capacity
+    parts = {name: full_layers * value + num_mod * c * value for name, value in per_layer.items()}
+    parts["attention_core"] = (full_layers + num_mod * c * c) * per_layer["attention_core"]
+    parts["mod_router"] = num_mod * 2 * h
+    mod_aux = 2 * h * aux_hidden + 2 * aux_hidden
+    parts["aux_routers"] = ((full_layers + num_mod * c) * aux + num_mod * mod_aux) if aux_routers else 0.0
     parts["logits"] = 2 * h * vocab_size
     parts["total"] = sum(parts.values())
     return parts
 
 
 def training_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int,
-                             modality_shares: Optional[Sequence[float]] = None) -> float:
-    return 3 * forward_flops_per_token(config, seq_length, vocab_size, modality_shares)["total"]
+                             modality_shares: Optional[Sequence[float]] = None,
+                             aux_routers: bool = False) -> float:
+    return 3 * forward_flops_per_token(config, seq_length, vocab_size, modality_shares,
+                                       aux_routers)["total"]

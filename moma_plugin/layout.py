@@ -86,3 +86,20 @@ def modality_ids_from_tokens(
         ids[(input_ids >= start) & (input_ids < end)] = modalities.index(name)
     return ids
 
+
+
+def narrow_layout(layout: ModalityLayout, selected_K: Tensor) -> ModalityLayout:
+    """The layout of the tokens ``selected_K`` (ascending indices into ``layout``'s tokens), numbered
+    0..K-1 in that order: what a Mixture-of-Depths layer hands its MoMa MLP.
+
+    Narrowing permutes the parent's modality order instead of sorting again: the parent order restricted
+    to the selected tokens is already grouped by modality. One host read (the per-modality counts).
+    Keeps the parent's ``forward_id``, so recomputed forwards are still recognised.
+    """
+    child_of_T = torch.full((layout.num_tokens,), -1, dtype=torch.long, device=selected_K.device)
+    child_of_T[selected_K] = torch.arange(selected_K.numel(), device=selected_K.device)
+    child_order = child_of_T[layout.order_T]
+    order_K = child_order[child_order >= 0]
+    modality_ids_K = layout.modality_ids_T[selected_K]
+    counts = torch.bincount(modality_ids_K, minlength=layout.num_modalities).tolist()
+    return ModalityLayout(modality_ids_K, order_K, tuple(counts), forward_id=layout.forward_id)

@@ -4,6 +4,7 @@ from typing import Dict, List
 
 import torch
 
+from .layer import MoMaTransformerLayer
 from .moma_mlp import MoMaMLP
 
 
@@ -11,9 +12,15 @@ def moma_layers(model: torch.nn.Module) -> List[MoMaMLP]:
     return [m for m in model.modules() if isinstance(m, MoMaMLP)]
 
 
+def mod_layers(model: torch.nn.Module) -> List[MoMaTransformerLayer]:
+    return [m for m in model.modules() if isinstance(m, MoMaTransformerLayer) and m.is_mod]
+
+
 def collect_routing_metrics(model: torch.nn.Module, reset: bool = True) -> Dict[str, float]:
     """Flat, dashboard-friendly metrics summed since the last reset, e.g.
-    ``moma/layer3/image/tokens_per_expert_min``, ``moma/layer3/text/picked_by_0_frac``.
+    ``moma/layer3/image/tokens_per_expert_min``, ``moma/layer3/text/picked_by_0_frac`` and, for
+    Mixture-of-Depths layers, ``mod/layer1/image/processed_frac`` (share of the modality's tokens the
+    layer processed).
 
     Layer numbers are Megatron's global 1-based ``layer_number``. One host read per layer.
     """
@@ -39,4 +46,10 @@ def collect_routing_metrics(model: torch.nn.Module, reset: bool = True) -> Dict[
             metrics[f"{prefix}/picked_by_2plus_frac"] = several / total
         if reset:
             mlp.reset_metrics()
+    for layer in mod_layers(model):
+        for name, (processed, seen) in zip(layer.config.moma_modalities, layer.mod_tokens_M2.tolist()):
+            if seen:
+                metrics[f"mod/layer{layer.layer_number}/{name}/processed_frac"] = processed / seen
+        if reset:
+            layer.reset_metrics()
     return metrics

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
+from .aux_router import AuxRouter, AuxRouterOwner, logit
 from .config import ExpertGroup, MoMaConfig, expert_capacity
 from .experts import (
     expert_of_each_row,
@@ -27,7 +28,7 @@ from .experts import (
     run_experts_padded,
 )
 from .layout import ModalityLayout
-from .routing import balanced_choice, expert_choice, sigmoid_scores
+from .routing import balanced_choice, expert_choice, sigmoid_scores, threshold_choice
 
 
 @dataclass
@@ -66,12 +67,15 @@ class RoutingPlan:
     tokens_per_expert: List[int]  # host ints, one per expert of the layer (groups in order)
 
 
-class MoMaMLP(MegatronModule):
+class MoMaMLP(MegatronModule, AuxRouterOwner):
     """Replaces the dense MLP: modality groups of SwiGLU experts with expert-choice routing.
 
-    Parameters are named by group: ``router.<group>.weight`` and
+    Parameters are named by group: ``router.<group>.weight``, ``aux_router.<group>.fc{1,2}`` and
     ``experts.<group>.<index>.linear_fc{1,2}.weight``, where <group> is a modality name (or "shared"
     for an ``Nx`` layout) and <index> the expert's index in its group.
+
+    Routing modes (``moma_plugin.set_routing_mode``): ``train`` is expert choice over the micro-batch;
+    ``causal`` sends a token to expert j iff its aux router says p_j > threshold.
 
     Metrics buffers (not saved in checkpoints; reset with ``reset_metrics``):
       ``tokens_per_expert_ME`` [modalities, experts]: tokens of each modality each expert took;
@@ -92,6 +96,10 @@ class MoMaMLP(MegatronModule):
         self.router = torch.nn.ModuleDict(
             {g.name: GroupRouter(config, g.num_experts) for g in self.groups}
         )
+        self.aux_router = torch.nn.ModuleDict(
+            {g.name: AuxRouter(config, g.num_experts) for g in self.groups}
+        )
+        self._init_aux_state(config.moma_aux_threshold)
         self.experts = torch.nn.ModuleDict(
             {
                 g.name: torch.nn.ModuleList(
@@ -127,6 +135,9 @@ class MoMaMLP(MegatronModule):
         finally:
             self._layout = None
 
+    def aux_routers(self):
+        return [("experts", self.aux_router[g.name]) for g in self.groups]
+
     def all_experts(self) -> List[MLP]:
         return [expert for g in self.groups for expert in self.experts[g.name]]
 
@@ -145,7 +156,10 @@ class MoMaMLP(MegatronModule):
                 f"modality layout has {layout.num_tokens} tokens but the layer got {x_TH.shape[0]} "
                 "(s*b). Modality ids must have the same [b, s] shape as the input ids."
             )
-        plan = self.route(x_TH, layout)
+        if self.routing_mode == "causal":
+            plan = self.route_causal(x_TH, layout)
+        else:
+            plan = self.route(x_TH, layout)
         x_AH = x_TH[plan.token_index_A]
         y_AH = self.compute(x_AH, plan.tokens_per_expert)
         y_AH = y_AH * plan.gate_A.unsqueeze(1).to(y_AH.dtype)
@@ -157,6 +171,7 @@ class MoMaMLP(MegatronModule):
         """Stage 1: expert choice inside every group over the group's tokens."""
         choose = balanced_choice if self.config.moma_force_balanced_routing else expert_choice
         noise = self.config.moma_router_gumbel_noise and self.training
+        train_aux = self._should_train_aux(layout.forward_id)
         token_indices, gates, tokens_per_expert = [], [], []
         for group in self.groups:
             group_tokens_G = layout.token_indices(group.modalities)
@@ -164,12 +179,35 @@ class MoMaMLP(MegatronModule):
                 layout.token_count(group.modalities), group.num_experts,
                 self.config.moma_capacity_factor,
             )
-            scores_GE = sigmoid_scores(self.router[group.name](x_TH[group_tokens_G]), noise)
+            x_GH = x_TH[group_tokens_G]
+            scores_GE = sigmoid_scores(self.router[group.name](x_GH), noise)
             local_index_EC, gate_EC = choose(scores_GE, capacity)
             token_indices.append(group_tokens_G[local_index_EC].reshape(-1))
             gates.append(gate_EC.reshape(-1))
             tokens_per_expert.extend([capacity] * group.num_experts)
+            if train_aux and x_GH.shape[0]:
+                targets_GE = torch.zeros_like(scores_GE, dtype=torch.bool)
+                experts_EC = torch.arange(group.num_experts, device=x_GH.device).unsqueeze(1)
+                targets_GE[local_index_EC, experts_EC.expand_as(local_index_EC)] = True
+                self._aux_losses.append(self.aux_router[group.name].loss(
+                    x_GH, targets_GE, layout.modality_ids_T[group_tokens_G], self.aux_threshold))
         return RoutingPlan(torch.cat(token_indices), torch.cat(gates), tokens_per_expert)
+
+    def route_causal(self, x_TH: Tensor, layout: ModalityLayout) -> RoutingPlan:
+        """Stage 1 at inference: token t goes to expert j iff aux_router(x_t)_j > threshold; the main
+        router's sigmoid score is the weight. One host read for the loads of all groups."""
+        cutoff = logit(self.aux_threshold)
+        token_indices, gates, loads = [], [], []
+        for group in self.groups:
+            group_tokens_G = layout.token_indices(group.modalities)
+            x_GH = x_TH[group_tokens_G]
+            scores_GE = sigmoid_scores(self.router[group.name](x_GH))
+            chosen_GE = self.aux_router[group.name](x_GH) > cutoff
+            local_index_A, gate_A, load_E = threshold_choice(chosen_GE, scores_GE)
+            token_indices.append(group_tokens_G[local_index_A])
+            gates.append(gate_A)
+            loads.append(load_E)
+        return RoutingPlan(torch.cat(token_indices), torch.cat(gates), torch.cat(loads).tolist())
 
     def compute(self, x_AH: Tensor, tokens_per_expert: List[int]) -> Tensor:
         """Stage 3: every expert on its tokens; [A, H] in, [A, H] out, same order."""

@@ -55,3 +55,25 @@ def expert_choice_reference(scores_TE: Tensor, capacity: int) -> Tuple[Tensor, T
         indices.append(order)
         gates.append(scores_TE[order, expert])
     return torch.stack(indices), torch.stack(gates)
+
+
+def threshold_choice(chosen_TE: Tensor, scores_TE: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Causal routing: expert e takes exactly the tokens whose ``chosen_TE[:, e]`` is True (the aux
+    router said yes), so what a token gets depends on that token alone.
+
+    Returns ``token_index_A`` and ``gate_A`` sorted by expert (tokens ascending within an expert), and
+    ``tokens_per_expert_E`` (a device tensor; the caller reads it once for all groups).
+    """
+    expert_A, token_A = chosen_TE.t().nonzero(as_tuple=True)
+    return token_A, scores_TE[token_A, expert_A], chosen_TE.sum(0)
+
+
+def threshold_choice_reference(chosen_TE: Tensor, scores_TE: Tensor):
+    """Slow causal routing, token by token in Python: the definition, for tests."""
+    tokens, gates, counts = [], [], []
+    for expert in range(chosen_TE.shape[1]):
+        picked = [t for t in range(chosen_TE.shape[0]) if bool(chosen_TE[t, expert])]
+        tokens.extend(picked)
+        gates.extend(float(scores_TE[t, expert]) for t in picked)
+        counts.append(len(picked))
+    return tokens, gates, counts

@@ -19,3 +19,12 @@ def test_moma_mlp_benchmark_smoke_run():
     assert differences and max(map(float, differences.groups())) < 1e-4, result.stdout
     for path in ("loop", "grouped", "padded", "dense"):
         assert re.search(rf"^\| {path} ", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_generation_benchmark_smoke_run():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generation.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]  # it exits non-zero if the paths disagree
+    for name in ("4t4i", "MoD 4t4i"):
+        assert re.search(rf"^\| {name} \| [0-9,]+ \| [0-9,]+ \| [0-9.]+x \|$", result.stdout,
+                         re.MULTILINE), result.stdout

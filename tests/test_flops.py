@@ -72,3 +72,33 @@ def test_flops_matched_moma_equals_dense_ffn():
 def test_bad_shares_are_a_clear_error():
     with pytest.raises(ValueError, match="one share per modality"):
         forward_flops_per_token(tiny_config(), 128, 64, [1.0])
+
+
+@pytest.mark.parametrize("experts", ["dense", "1t1i"])
+@pytest.mark.parametrize("capacity", [0.25, 0.5])
+def test_mod_flops_equal_counted_matmuls(experts, capacity):
+    """One sample, so the packed sequence of a MoD layer is exactly k_d tokens long; one expert per
+    group, so its capacity is exact whatever the selection's modality mix."""
+    seq, vocab = 32, 64
+    config = tiny_config(num_layers=4, moma_experts=experts, mod_interval=2, mod_capacity=capacity,
+                         moma_expert_execution="loop")
+    model = tiny_model(config, vocab_size=vocab, seq_length=seq)
+    ids = (torch.arange(seq) % 2).view(1, seq)
+    tokens = torch.randint(0, vocab, (1, seq))
+    expected = forward_flops_per_token(config, seq, vocab, [0.5, 0.5])["total"] * seq
+    assert executed_flops(model, tokens, ids) == pytest.approx(expected, rel=1e-9)
+    dense_layers = forward_flops_per_token(tiny_config(num_layers=4, moma_experts=experts), seq, vocab)
+    assert expected / seq < dense_layers["total"]  # MoD layers really are cheaper
+
+
+def test_aux_router_flops_only_when_trained_alongside():
+    config = tiny_config(num_layers=4, mod_interval=2)
+    without = forward_flops_per_token(config, 32, 64)
+    with_aux = forward_flops_per_token(config, 32, 64, aux_routers=True)
+    h = config.hidden_size
+    assert without["aux_routers"] == 0
+    # Full layers: 2 groups' routers, weighted by share; MoD layers: a quarter of that plus their own.
+    per_group_layer = 2 * h * (h // 2) + 2 * (h // 2) * 2
+    expected = (2 + 2 * 0.25) * per_group_layer + 2 * (2 * h * (h // 2) + 2 * (h // 2))
+    assert with_aux["aux_routers"] == pytest.approx(expected)
+    assert with_aux["total"] - without["total"] == pytest.approx(expected)

@@ -43,12 +43,14 @@ def _train(model, batch, steps=12, lr=3e-3):
              recompute_num_layers=1),
         dict(moma_experts="2t2i", moma_post_norm=True),
         dict(moma_experts="dense"),
+        dict(moma_experts="2t2i", mod_interval=2, mod_capacity=0.5),
+        dict(moma_experts="dense", mod_interval=1, mod_capacity=0.5, moma_post_norm=True),
     ],
-    ids=["4t4i", "recompute-uniform", "8x-recompute-block", "post-norm", "dense"],
+    ids=["4t4i", "recompute-uniform", "8x-recompute-block", "post-norm", "dense", "mod", "dense-mod"],
 )
 def test_model_trains_on_a_fixed_batch(overrides):
     model = tiny_model(tiny_config(**overrides))
-    losses = _train(model, random_batch(4, 16))
+    losses = _train(model, random_batch(4, 16), steps=20)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

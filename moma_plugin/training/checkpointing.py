@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,10 @@ ARCHITECTURE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "moma_experts", "moma_modalities", "normalization", "disable_bias_linear",
     "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "moma_post_norm",
+    "mod_interval", "mod_start_layer",
 )
+# Defaults of architecture arguments added after a checkpoint was written (older checkpoints lack them).
+ARCHITECTURE_DEFAULTS = {"mod_interval": 0, "mod_start_layer": 0}
 
 
 def iteration_dir(save: str, iteration: int) -> Path:
@@ -129,9 +132,11 @@ def load_checkpoint(load: str, tp_rank: int, iteration: Optional[int] = None) ->
 def check_compatible(saved_args: Dict[str, Any], args) -> None:
     """Raises if the checkpoint's model shape differs from this run's flags."""
     differing = [
-        f"--{name.replace('_', '-')}: checkpoint {saved_args.get(name)!r}, now {getattr(args, name)!r}"
+        f"--{name.replace('_', '-')}: checkpoint "
+        f"{saved_args.get(name, ARCHITECTURE_DEFAULTS.get(name))!r}, now {getattr(args, name)!r}"
         for name in ARCHITECTURE_ARGS
-        if _normalize(saved_args.get(name)) != _normalize(getattr(args, name, None))
+        if _normalize(saved_args.get(name, ARCHITECTURE_DEFAULTS.get(name)))
+        != _normalize(getattr(args, name, None))
     ]
     if differing:
         raise ValueError("the checkpoint was trained with a different model; use the same flags "
@@ -140,3 +145,19 @@ def check_compatible(saved_args: Dict[str, Any], args) -> None:
 
 def _normalize(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def load_model_state(model: torch.nn.Module, state_dict: Dict[str, Any]) -> List[str]:
+    """Loads model weights strictly, except that auxiliary-router weights may be missing (checkpoints
+    written before aux routers existed): those keep their fresh, untrained values. Returns the names of
+    the aux-router tensors that were missing."""
+    result = model.load_state_dict(state_dict, strict=False)
+    aux_missing = [k for k in result.missing_keys if "aux_router" in k]
+    other_missing = [k for k in result.missing_keys if "aux_router" not in k]
+    if other_missing or result.unexpected_keys:
+        raise ValueError(
+            "the checkpoint's weights do not fit this model: "
+            + (f"missing {other_missing[:5]}" if other_missing else "")
+            + (f" unexpected {result.unexpected_keys[:5]}" if result.unexpected_keys else "")
+            + "; build the model with the checkpoint's flags.")
+    return aux_missing

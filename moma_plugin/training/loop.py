@@ -28,11 +28,21 @@ import numpy as np
 import torch
 
 from ..args import moma_config_from_args
+from ..aux_router import (
+    aux_owners,
+    aux_router_parameters,
+    collect_aux_metrics,
+    has_trained_aux_routers,
+    mark_aux_routers_trained,
+    pop_aux_loss,
+    set_aux_router_training,
+    set_routing_mode,
+)
 from ..data.corpus import bundled_dataset_prefix
 from ..data.dataset import build_datasets
 from ..data.sampler import BalancedSampler, target_shares_from_experts
 from ..flops import training_flops_per_token
-from ..metrics import collect_routing_metrics, moma_layers
+from ..metrics import collect_routing_metrics
 from ..model import MoMaGPTModel
 from ..specs import get_moma_layer_spec, transformer_engine_available
 from . import checkpointing
@@ -223,11 +233,12 @@ def forward_loss(model, batch) -> torch.Tensor:
                  modality_ids=batch["modality_ids"])
 
 
-def clip_gradients(model, max_norm: float, parallel: Parallel) -> float:
+def clip_gradients(model, max_norm: float, parallel: Parallel, parameters=None) -> float:
     """Global gradient norm over every TP shard (replicated parameters counted once); scales the
-    gradients down to ``max_norm`` when above it. Returns the norm before clipping."""
+    gradients down to ``max_norm`` when above it. Returns the norm before clipping. ``parameters``:
+    a subset to clip (default: all of the model's)."""
     sharded, replicated = [], []
-    for p in model.parameters():
+    for p in (model.parameters() if parameters is None else parameters):
         if p.grad is not None:
             (sharded if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad)
     squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
@@ -269,25 +280,45 @@ def train_step(model, optimizer, scheduler, micro_batches, layout, args, paralle
     for batch, label_mod in zip(micro_batches, label_mods):
         batch = to_device(batch, parallel.device)
         loss_BS = forward_loss(model, batch)
-        (loss_BS * batch["loss_mask"]).sum().div(denominator).backward()
+        loss = (loss_BS * batch["loss_mask"]).sum().div(denominator)
+        aux_loss = pop_aux_loss(model)  # --aux-router-joint: BCE of the aux routers (own gradients)
+        if aux_loss is not None:
+            loss = loss + aux_loss / (len(micro_batches) * parallel.dp)
+        loss.backward()
         sums += modality_loss_sums(loss_BS, batch["loss_mask"], label_mod, num_modalities)
     torch.distributed.all_reduce(sums, group=parallel.dp_group)
     allreduce_gradients(model, parallel)
     if not math.isfinite(mean_loss(sums)):
         return sums, float("nan"), False
-    grad_norm = clip_gradients(model, args.clip_grad, parallel)
+    # The aux routers' gradients come from their own loss; they are clipped apart so that they never
+    # scale the model's gradients.
+    aux = {id(p) for p in aux_router_parameters(model)}
+    grad_norm = clip_gradients(model, args.clip_grad, parallel,
+                               [p for p in model.parameters() if id(p) not in aux])
     if not math.isfinite(grad_norm):
         return sums, grad_norm, False
+    if getattr(args, "aux_router_joint", False):
+        clip_gradients(model, args.clip_grad, parallel, aux_router_parameters(model))
     optimizer.step()
     scheduler.step(increment=1)
     return sums, grad_norm, True
 
 
+METRIC_BUFFERS = ("tokens_per_expert_ME", "selection_histogram_M3", "mod_tokens_M2", "confusion_M4")
+
+
+def metric_buffers(model) -> Dict[str, torch.Tensor]:
+    return {name: buffer for name, buffer in model.named_buffers()
+            if name.rsplit(".", 1)[-1] in METRIC_BUFFERS}
+
+
 @torch.no_grad()
-def evaluate(model, dataset, args, layout, parallel: Parallel) -> Dict[str, float]:
+def evaluate(model, dataset, args, layout, parallel: Parallel,
+             routing_mode: str = "train") -> Dict[str, float]:
     """Held-out loss and perplexity per modality (and overall) over ``--eval-iters`` micro-batches
-    per rank (default: the whole held-out split, split over data-parallel ranks). Draws no random
-    numbers and leaves the routing statistics of training untouched."""
+    per rank (default: the whole held-out split, split over data-parallel ranks), with the given
+    routing mode (``causal``: aux routers decide). Draws no random numbers and leaves the routing
+    statistics of training untouched."""
     num_modalities = len(layout.modalities)
     per_step = args.micro_batch_size * parallel.dp
     steps = len(dataset) // per_step
@@ -297,9 +328,11 @@ def evaluate(model, dataset, args, layout, parallel: Parallel) -> Dict[str, floa
         raise SystemExit(f"moma-pretrain: error: the held-out split has {len(dataset)} samples, fewer "
                          f"than one evaluation step of {per_step}; raise --valid-fraction or lower "
                          "--micro-batch-size")
-    saved_metrics = [(m.tokens_per_expert_ME.clone(), m.selection_histogram_M3.clone())
-                     for m in moma_layers(model)]
+    saved_metrics = {name: buffer.clone() for name, buffer in metric_buffers(model).items()}
+    aux_training = any(owner.aux_training for owner in aux_owners(model))
+    set_aux_router_training(model, False)
     model.eval()
+    set_routing_mode(model, routing_mode)
     sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
     for step in range(steps):
         start = step * per_step + parallel.dp_rank * args.micro_batch_size
@@ -309,9 +342,10 @@ def evaluate(model, dataset, args, layout, parallel: Parallel) -> Dict[str, floa
         sums += modality_loss_sums(forward_loss(model, batch), batch["loss_mask"], label_mod,
                                    num_modalities)
     model.train()
-    for m, (loads, histogram) in zip(moma_layers(model), saved_metrics):
-        m.tokens_per_expert_ME.copy_(loads)
-        m.selection_histogram_M3.copy_(histogram)
+    set_routing_mode(model, "train")
+    set_aux_router_training(model, aux_training)
+    for name, buffer in metric_buffers(model).items():
+        buffer.copy_(saved_metrics[name])
     torch.distributed.all_reduce(sums, group=parallel.dp_group)
     return losses_from_sums(sums, layout.modalities, with_ppl=True)
 
@@ -332,20 +366,26 @@ def losses_from_sums(sums: torch.Tensor, modalities, with_ppl: bool = False) -> 
 
 
 # -- logging helpers --------------------------------------------------------------------------------
-def routing_summary(metrics: Dict[str, float], micro_batches: int) -> Dict[str, float]:
-    """Expert load over all MoMa layers per micro-batch: min/max tokens per expert, and the share of
-    tokens no expert picked."""
+def routing_summary(metrics: Dict[str, float], micro_batches: int, modalities=()) -> Dict[str, float]:
+    """Expert load over all MoMa layers per micro-batch: min/max tokens per expert, the share of
+    tokens no expert picked, and the mean share of each modality's tokens the MoD layers process."""
+    summary = {}
+    for name in modalities:
+        shares = [v for k, v in metrics.items()
+                  if k.startswith("mod/") and k.endswith(f"/{name}/processed_frac")]
+        if shares:
+            summary[f"mod_processed_{name}"] = sum(shares) / len(shares)
     loads = [v for k, v in metrics.items() if k.endswith("/tokens_per_expert_min")
              or k.endswith("/tokens_per_expert_max")]
     if not loads:
-        return {}
+        return summary
     tokens = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/tokens")}
     unpicked = sum(metrics[f"{prefix}/picked_by_0_frac"] * count for prefix, count in tokens.items())
-    return {
+    return dict(summary, **{
         "expert_load_min": min(loads) / max(micro_batches, 1),
         "expert_load_max": max(loads) / max(micro_batches, 1),
         "unpicked_frac": unpicked / max(sum(tokens.values()), 1),
-    }
+    })
 
 
 def format_log_line(iteration: int, args, values: Dict[str, float], modalities) -> str:
@@ -361,6 +401,12 @@ def format_log_line(iteration: int, args, values: Dict[str, float], modalities) 
     if "expert_load_min" in values:
         parts.append(f"tokens/expert {values['expert_load_min']:.0f}-{values['expert_load_max']:.0f}, "
                      f"unpicked {values['unpicked_frac']:.3f}")
+    if f"mod_processed_{modalities[0]}" in values:
+        parts.append("MoD processed " + ", ".join(
+            f"{m} {values[f'mod_processed_{m}']:.2f}" for m in modalities
+            if f"mod_processed_{m}" in values))
+    if "aux/accuracy" in values:
+        parts.append(f"aux acc {values['aux/accuracy']:.3f}")
     share = values.get(f"sampler_share_{modalities[-1]}")
     if share is not None:
         target = values.get(f"sampler_target_{modalities[-1]}")
@@ -411,6 +457,8 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
                          f"--moma-modalities is {','.join(args.moma_modalities)}; make them equal")
 
     model, config = build_model(args, layout, parallel)
+    if args.aux_router_joint:
+        set_aux_router_training(model, True)
     optimizer, scheduler = build_optimizer(model, args)
     shares_target = target_shares_from_experts(args.moma_experts, layout.modalities)
     counts = train_set.modality_counts()
@@ -418,7 +466,8 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
                               shares_target if args.balanced_sampler else None,
                               tolerance=args.balance_tolerance, seed=args.seed, strict=False)
     data_shares = (counts.sum(0) / counts.sum()).tolist()
-    flops_per_token = training_flops_per_token(config, args.seq_length, model.vocab_size, data_shares)
+    flops_per_token = training_flops_per_token(config, args.seq_length, model.vocab_size, data_shares,
+                                               aux_routers=args.aux_router_joint)
     tokens_per_iteration = args.global_batch_size * args.seq_length
     num_parameters = count_parameters(model, parallel)
 
@@ -430,7 +479,10 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
             checkpointing.check_compatible(state["args"], args)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"moma-pretrain: error: {e}") from None
-        model.load_state_dict(state["model"], strict=True)
+        try:
+            checkpointing.load_model_state(model, state["model"])
+        except ValueError as e:
+            raise SystemExit(f"moma-pretrain: error: --load {load_dir}: {e}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["opt_param_scheduler"])
         sampler.load_state_dict(state["moma"]["sampler"])
@@ -472,6 +524,8 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
             return None
         if last_saved is not None and last_saved[0] == at:
             return last_saved[1]
+        if args.aux_router_joint and at > 0:
+            mark_aux_routers_trained(model)
         state = {
             "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
             "iteration": at,
@@ -533,8 +587,10 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
                 values = interval.summary(layout.modalities, shares_target, tokens_per_iteration,
                                           flops_per_token, parallel.world)
                 routing = collect_routing_metrics(model)
-                values.update(routing_summary(routing, interval.micro_batches))
+                values.update(routing_summary(routing, interval.micro_batches, layout.modalities))
                 values.update(routing)
+                if args.aux_router_joint:
+                    values.update(collect_aux_metrics(model))
                 values.update(lr=optimizer.param_groups[0]["lr"], tokens=consumed_tokens,
                               flops=flops_so_far)
                 writer.write("train", iteration, values)
@@ -575,6 +631,9 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
     if result.status == "completed":
         result.checkpoint = save(iteration)
         result.eval = evaluate(model, valid_set, args, layout, parallel)
+        if has_trained_aux_routers(model):
+            causal = evaluate(model, valid_set, args, layout, parallel, routing_mode="causal")
+            result.eval.update({f"causal_{key}": value for key, value in causal.items()})
         writer.write("eval", iteration, dict(result.eval, tokens=consumed_tokens, flops=flops_so_far))
         writer.flush()
         plot = None
@@ -585,6 +644,10 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
             print("held-out loss: " + ", ".join(
                 f"{m} {result.eval[f'loss_{m}']:.4f} (ppl {result.eval[f'ppl_{m}']:.2f})"
                 for m in layout.modalities) + f"; overall {result.eval['loss']:.4f}", flush=True)
+            if "causal_loss" in result.eval:
+                print("held-out loss, causal routing (aux routers): " + ", ".join(
+                    f"{m} {result.eval[f'causal_loss_{m}']:.4f}" for m in layout.modalities)
+                    + f"; overall {result.eval['causal_loss']:.4f}", flush=True)
             print(f"checkpoint: {result.checkpoint}\nmetrics: {writer.path}\nTensorBoard: "
                   f"{args.tensorboard_dir or run_dir / 'tensorboard'}\nplot: {plot}", flush=True)
     writer.close()
