@@ -120,3 +120,53 @@ def test_checkpoint_with_other_mod_layout_is_refused(pretrained, tmp_path):
     with pytest.raises(SystemExit, match="--mod-interval"):
         loop.pretrain([*TINY, "--moma-experts", "2t2i", "--train-iters", "31",
                        "--load", str(pretrained / "checkpoints"), "--run-dir", str(tmp_path)])
+
+
+def _stage_two_rank(rank, port, load, workdir):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    save = checkpointing.save_checkpoint
+
+    def keep_a_copy(directory, iteration, state, tp_rank, writes):  # every rank's routers, for the test
+        torch.save({k: v for k, v in state["model"].items() if "aux_router" in k},
+                   f"{workdir}/routers{rank}.pt")
+        return save(directory, iteration, state, tp_rank, writes=writes)
+
+    checkpointing.save_checkpoint = keep_a_copy
+    report = train_aux_routers(["--load", load, "--save", f"{workdir}/aux", "--train-iters", "6",
+                                "--log-interval", "3", "--eval-iters", "1"])
+    torch.save(report["held_out_aux"], f"{workdir}/report{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_stage_two_over_two_data_parallel_ranks(pretrained, tmp_path):
+    """Each rank trains on its own micro-batches; gradients are averaged, so both ranks hold the same
+    routers (rank 0 writes the checkpoint) and report the same held-out numbers."""
+    import time
+
+    import torch.multiprocessing as torch_mp
+
+    from .conftest import free_port
+
+    context = torch_mp.spawn(_stage_two_rank, nprocs=2, join=False,
+                             args=(free_port(), str(pretrained / "checkpoints"), str(tmp_path)))
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish within 180 s")
+    reports = [torch.load(tmp_path / f"report{r}.pt", weights_only=False) for r in range(2)]
+    assert reports[0] == reports[1]
+    routers = [torch.load(tmp_path / f"routers{r}.pt") for r in range(2)]
+    assert routers[0].keys() == routers[1].keys()
+    for key in routers[0]:
+        torch.testing.assert_close(routers[0][key], routers[1][key], rtol=1e-6, atol=1e-7, msg=key)
+    state = checkpointing.load_checkpoint(str(tmp_path / "aux"), 0)
+    original = checkpointing.load_checkpoint(str(pretrained / "checkpoints"), 0)
+    moved = [k for k, v in original["model"].items()
+             if "aux_router.fc" in k and not torch.equal(v, state["model"][k])]
+    assert moved and all(bool(v) for k, v in state["model"].items() if k.endswith("aux_router.trained"))

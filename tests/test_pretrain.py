@@ -264,6 +264,9 @@ def test_bad_runtime_settings_are_clear_errors(megatron_single_process, tmp_path
 
 
 # -- data and tensor parallelism over two gloo processes ---------------------------------------------
+MOD_JOINT = ["--mod-interval", "2", "--mod-capacity", "0.5", "--aux-router-joint"]
+
+
 def _rank_main(rank, port, workdir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -275,6 +278,11 @@ def _rank_main(rank, port, workdir):
                                    "--run-dir", f"{workdir}/dp2"])
     losses["tp2"] = loop.pretrain([*common, "--tensor-model-parallel-size", "2",
                                    "--run-dir", f"{workdir}/tp2"])
+    # Mixture-of-Depths with jointly trained aux routers (their gradients summed over DP ranks too).
+    losses["dp2-mod"] = loop.pretrain([*common, *MOD_JOINT, "--micro-batch-size", "2",
+                                       "--global-batch-size", "4", "--run-dir", f"{workdir}/dp2-mod"])
+    losses["tp2-mod"] = loop.pretrain([*common, *MOD_JOINT, "--tensor-model-parallel-size", "2",
+                                       "--run-dir", f"{workdir}/tp2-mod"])
     torch.save({k: (v.train_losses, v.eval) for k, v in losses.items()}, f"{workdir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -287,6 +295,9 @@ def test_data_and_tensor_parallel_runs_match_one_process(megatron_single_process
         "dp2": loop.pretrain([*common, "--micro-batch-size", "2", "--global-batch-size", "4",
                               "--eval-iters", "4", "--run-dir", str(tmp_path / "dp1")]),
         "tp2": loop.pretrain([*common, "--run-dir", str(tmp_path / "tp1")]),
+        "dp2-mod": loop.pretrain([*common, *MOD_JOINT, "--micro-batch-size", "2", "--global-batch-size",
+                                  "4", "--eval-iters", "4", "--run-dir", str(tmp_path / "dp1-mod")]),
+        "tp2-mod": loop.pretrain([*common, *MOD_JOINT, "--run-dir", str(tmp_path / "tp1-mod")]),
     }
     context = torch_mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 180
@@ -297,13 +308,16 @@ def test_data_and_tensor_parallel_runs_match_one_process(megatron_single_process
             pytest.fail("the two ranks did not finish within 180 s")
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        for kind in ("dp2", "tp2"):
+        for kind in ("dp2", "tp2", "dp2-mod", "tp2-mod"):
             losses, evaluation = result[kind]
             expected = reference[kind]
             assert sorted(losses) == [1, 2, 3]
             for i in (1, 2, 3):
                 assert losses[i] == pytest.approx(expected.train_losses[i], rel=1e-5, abs=1e-5), (kind, i)
-            for key in ("loss_text", "loss_image"):
+            keys = ["loss_text", "loss_image"]
+            if kind.endswith("mod"):  # held-out loss with causal routing: the aux routers agree too
+                keys += ["causal_loss_text", "causal_loss_image"]
+            for key in keys:
                 assert evaluation[key] == pytest.approx(expected.eval[key], rel=1e-5), (kind, key)
 
 

@@ -520,12 +520,12 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
         """Checkpoints iteration ``at`` into --save unless it is there already; its directory
         (None with --no-save)."""
         nonlocal last_saved
+        if args.aux_router_joint and at > 0:  # the aux routers have trained alongside since step 1
+            mark_aux_routers_trained(model)
         if save_dir is None:
             return None
         if last_saved is not None and last_saved[0] == at:
             return last_saved[1]
-        if args.aux_router_joint and at > 0:
-            mark_aux_routers_trained(model)
         state = {
             "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
             "iteration": at,
