@@ -192,6 +192,12 @@ class MoMaConfig(TransformerConfig):
                 f"mod_start_layer={self.mod_start_layer} leaves no MoD layer among num_layers="
                 f"{self.num_layers}; lower it or set mod_interval=0."
             )
+        if self.mod_interval and (self.sequence_parallel or self.context_parallel_size > 1):
+            raise NotImplementedError(
+                "Mixture-of-Depths layers choose tokens over the whole micro-batch and pack each "
+                "sample's sequence, so they do not support sequence_parallel or context parallelism "
+                "yet; turn those off or set mod_interval=0."
+            )
         if not 0 < self.moma_aux_threshold < 1:
             raise ValueError(f"moma_aux_threshold={self.moma_aux_threshold} must be in (0, 1).")
 

@@ -68,6 +68,20 @@ def test_config_validation_messages():
         tiny_config(moma_vocab_ranges={"speech": (10, 20)})
     with pytest.raises(ValueError, match="does not parse"):
         tiny_config(moma_experts="4x4")
+    with pytest.raises(ValueError, match=r"mod_capacity=0 must be in \(0, 1\]"):
+        tiny_config(mod_interval=2, mod_capacity=0)
+    with pytest.raises(ValueError, match="leaves no MoD layer"):
+        tiny_config(mod_interval=2, mod_start_layer=2)  # 2 layers
+    with pytest.raises(ValueError, match="moma_aux_threshold"):
+        tiny_config(moma_aux_threshold=1.0)
+
+
+def test_mod_layers_are_every_interval_from_the_start_layer():
+    assert [tiny_config(num_layers=6, mod_interval=2).is_mod_layer(i) for i in range(6)] == [
+        True, False, True, False, True, False]
+    config = tiny_config(num_layers=6, mod_interval=3, mod_start_layer=1)
+    assert [i for i in range(6) if config.is_mod_layer(i)] == [1, 4]
+    assert config.num_mod_layers == 2 and tiny_config().num_mod_layers == 0
 
 
 def test_unsupported_parallelism_is_a_clear_error():
@@ -75,6 +89,9 @@ def test_unsupported_parallelism_is_a_clear_error():
         tiny_config(sequence_parallel=True, tensor_model_parallel_size=2)
     with pytest.raises(NotImplementedError, match="expert_model_parallel_size=1"):
         tiny_config(expert_model_parallel_size=2)
+    with pytest.raises(NotImplementedError, match="Mixture-of-Depths"):
+        tiny_config(moma_experts="dense", mod_interval=2, sequence_parallel=True,
+                    tensor_model_parallel_size=2)
 
 
 def test_config_uses_swiglu_experts():
