@@ -67,6 +67,10 @@ def test_stage_two_beats_all_zeros_and_saves_a_causal_checkpoint(pretrained, tmp
         else:
             assert torch.equal(value, saved["model"][key]), key
     assert json.loads((tmp_path / "aux_routers.json").read_text())["train_iters"] == 40
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in records if r["kind"] == "aux_train"] == [20, 40]
+    assert "aux/layer1/text/mod_precision" in records[0] and "aux/layer2/image/experts_recall" in records[1]
+    assert records[-1]["kind"] == "aux_eval" and "causal_routing_loss_image" in records[-1]
 
     # moma-generate from it: KV cache and recompute agree; an image prompt yields a PNG.
     out = tmp_path / "gen"

@@ -2,8 +2,9 @@
 
 Loads a ``moma-pretrain`` checkpoint, freezes the model, and trains only the auxiliary routers with
 binary cross-entropy against the expert-choice (and MoD top-k) assignments of each training batch.
-Logs the aux loss and accuracy; at the end reports, on the held-out split, accuracy, precision and recall
-of every aux router per layer and modality, and the held-out loss per modality with ``train`` routing
+Logs the aux loss and accuracy (every router's accuracy, precision and recall per layer and modality go to
+``<save>/metrics.jsonl`` and TensorBoard at each log interval); at the end reports, on the held-out split,
+accuracy, precision and recall of every aux router per layer and modality, and the held-out loss per modality with ``train`` routing
 (expert choice over the batch) and ``causal`` routing (aux routers decide). Saves a checkpoint in the
 same format, same iteration, with the trained routers (optimizer and data state kept, so
 ``moma-pretrain --load`` can continue from it) and ``aux_routers.json`` beside it.
@@ -38,6 +39,7 @@ from .from_checkpoint import (
     data_prefix,
     load_checkpoint_state,
 )
+from .metrics_log import MetricsWriter
 from .loop import (
     allreduce_gradients,
     clip_gradients,
@@ -167,6 +169,9 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     first = parallel.is_first
     if first:
+        Path(options.save).mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(Path(options.save), Path(options.save) / "tensorboard", enabled=first)
+    if first:
         print(f"{TOOL}: {sum(p.numel() for p in routers) / 1e3:.1f}K aux-router parameters of a "
               f"{args.moma_experts} model ({config.num_mod_layers} MoD layers), checkpoint "
               f"{options.load} at iteration {state['iteration']}; {options.train_iters} iterations of "
@@ -195,6 +200,7 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
                       "all_zeros_accuracy": metrics.get("aux/all_zeros_accuracy"),
                       "lr": optimizer.param_groups[0]["lr"]}
             history.append(record)
+            writer.write("aux_train", iteration, dict(record, **metrics))
             if first:
                 print(f"iteration {iteration:>5d}/{options.train_iters} | lr {record['lr']:.3E} | aux loss "
                       f"{record['aux_loss']:.4f} | accuracy {record['accuracy']:.4f} (all-zeros "
@@ -207,6 +213,10 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
     held_out = held_out_aux_metrics(model, valid_set, args, parallel)
     loss_train = evaluate(model, valid_set, args, layout, parallel, routing_mode="train")
     loss_causal = evaluate(model, valid_set, args, layout, parallel, routing_mode="causal")
+    writer.write("aux_eval", state["iteration"], dict(
+        held_out, **{f"train_routing_{k}": v for k, v in loss_train.items()},
+        **{f"causal_routing_{k}": v for k, v in loss_causal.items()}))
+    writer.close()
     report = {"checkpoint": str(options.load), "iteration": state["iteration"],
               "train_iters": options.train_iters, "held_out_aux": held_out,
               "held_out_loss_train_routing": loss_train, "held_out_loss_causal_routing": loss_causal,
