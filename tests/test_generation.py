@@ -120,3 +120,43 @@ def test_prompts_too_long_for_the_positions_are_refused():
     model = _model()
     with pytest.raises(ValueError, match="learned"):
         generate(model, [[1] * 40], TokenRules(**RULES), 20)
+
+
+
+@pytest.mark.parametrize("mod_interval", [0, 2])
+def test_rope_kv_cache_generation_equals_recomputation(mod_interval, monkeypatch):
+    """Rotary positions: MoD layers index the rotary table by each packed token's position in its
+    sequence, and the KV-cache path hands them the table for the new tokens' positions (a bug that used
+    packed slots instead would differ between the two paths, whose slots differ). Megatron-Core 0.16's
+    RotaryEmbedding moves its frequencies to ``torch.cuda.current_device()``: pointed at the CPU here."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    config = tiny_config(num_layers=4, moma_experts="2t2i", mod_interval=mod_interval, mod_capacity=0.5,
+                         moma_vocab_ranges={"image": IMAGE})
+    torch.manual_seed(0)
+    model = mp.MoMaGPTModel(config, mp.get_moma_layer_spec(config, use_te=False), vocab_size=VOCAB,
+                            max_sequence_length=48, position_embedding_type="rope")
+    with torch.no_grad():
+        for _, router in mp.aux_router.aux_routers(model):
+            router.fc2.mul_(20.0)
+    mark_aux_routers_trained(model)
+    rules = TokenRules(**RULES)
+    cached = generate(model, PROMPTS, rules, 16, use_kv_cache=True)
+    recomputed = generate(model, PROMPTS, rules, 16, use_kv_cache=False)
+    assert cached.tokens == recomputed.tokens
+    # Logits, token by token: a prefill of 3 tokens, then one token per step, against the full forward.
+    sequence = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    caches = [KVCache(1, 16) for _ in model.decoder.layers]
+    step = decode_logits(model, torch.tensor([sequence[:3]]), torch.ones(1, 3, dtype=torch.bool),
+                         torch.arange(3).view(1, 3), caches)[:, -1]
+    for position in range(3, len(sequence)):
+        torch.testing.assert_close(step, full_sequence_logits(model, [sequence[:position]]),
+                                   rtol=1e-4, atol=1e-4)
+        step = decode_logits(model, torch.tensor([[sequence[position]]]), torch.ones(1, 1, dtype=torch.bool),
+                             torch.tensor([[position]]), caches)[:, -1]
+    # Training-mode forward and backward through the packed rotary path.
+    set_routing_mode(model, "train")
+    model.train()
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    model(tokens, torch.arange(16).expand(2, 16), None, labels=tokens).mean().backward()
+    if mod_interval:
+        assert model.decoder.layers[0].mod_router.weight.grad.abs().sum() > 0
