@@ -110,7 +110,9 @@ def render(sequence: List[int], text_tokenizer, image_tokenizer, layout, stem: P
             position = close + 1
             continue
         if token == eod:
-            pieces.append("<eod>") if not text_run else pieces.extend([text_tokenizer.decode(text_run), "<eod>"])
+            if text_run:
+                pieces.append(text_tokenizer.decode(text_run))
+            pieces.append("<eod>")
             text_run = []
         else:
             text_run.append(token)
