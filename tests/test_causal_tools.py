@@ -174,3 +174,23 @@ def test_stage_two_over_two_data_parallel_ranks(pretrained, tmp_path):
     moved = [k for k, v in original["model"].items()
              if "aux_router.fc" in k and not torch.equal(v, state["model"][k])]
     assert moved and all(bool(v) for k, v in state["model"].items() if k.endswith("aux_router.trained"))
+
+
+def test_render_writes_finished_images_and_marks_the_rest(tmp_path):
+    from moma_plugin.data.corpus import bundled_dataset_prefix
+    from moma_plugin.data.vocab import VocabularyLayout
+    from moma_plugin.training.generate import load_tokenizers, render
+
+    prefix = bundled_dataset_prefix()
+    layout = VocabularyLayout.load(f"{prefix}.vocab.json")
+    text, image = load_tokenizers(prefix, layout)
+    codes = [layout.range_of("image")[0] + i for i in range(image.tokens_per_image())]
+    ids = (text.encode("Two is even.") + [layout.begin_id("image"), *codes, layout.end_id("image"),
+                                          layout.eod_id]
+           + text.encode("Then") + [layout.begin_id("image"), *codes[:3]])
+    out = render(ids, text, image, layout, tmp_path / "sample")
+    assert out["images"] == [str(tmp_path / "sample_0.png")]
+    assert Path(out["images"][0]).read_bytes()[:4] == b"\x89PNG"
+    assert out["text"].startswith("Two is even.")
+    assert out["text"].index("[image 0:") < out["text"].index("<eod>") < out["text"].index("Then")
+    assert out["text"].endswith("[unfinished image: 3 codes]")
