@@ -14,6 +14,7 @@ the targets (true/false positives/negatives per modality), which ``collect_aux_m
 """
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
 
 import torch
@@ -71,6 +72,24 @@ def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+@dataclass
+class PendingAuxLoss:
+    """An aux-router loss recorded during a forward, computed (and its decisions counted) by
+    ``pop_aux_loss``. Deferred so that its graph is built outside any activation checkpoint: inside
+    one, Megatron's re-entrant checkpoint runs the forward without gradients (the loss would have no
+    graph) and torch's non-re-entrant one refuses a recompute that saves fewer tensors (the recompute
+    records no second loss)."""
+
+    router: AuxRouter
+    x_TH: Tensor  # detached
+    targets_TE: Tensor
+    modality_T: Tensor
+    threshold: float
+
+    def compute(self) -> Tensor:
+        return self.router.loss(self.x_TH, self.targets_TE, self.modality_T, self.threshold)
+
+
 class AuxRouterOwner:
     """Mixin of the modules that own aux routers (``MoMaMLP``, ``MoMaTransformerLayer``): routing mode,
     threshold, and the aux losses of the current forward."""
@@ -81,7 +100,7 @@ class AuxRouterOwner:
 
     def _init_aux_state(self, threshold: float):
         self.routing_mode, self.aux_threshold, self.aux_training = "train", threshold, False
-        self._aux_losses: List[Tensor] = []
+        self._aux_losses: List[PendingAuxLoss] = []
         self._aux_forward_id = None
 
     def _should_train_aux(self, forward_id) -> bool:
@@ -155,7 +174,7 @@ def pop_aux_loss(model: torch.nn.Module):
     is a mean over its router's decisions, so every router weighs the same."""
     losses = []
     for owner in aux_owners(model):
-        losses.extend(owner._aux_losses)
+        losses.extend(pending.compute() for pending in owner._aux_losses)
         owner._aux_losses = []
     return torch.stack(losses).sum() if losses else None
 

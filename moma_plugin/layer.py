@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_layer import (
 from torch import Tensor
 
 from .attention import KVCache, SDPACoreAttention
-from .aux_router import AuxRouter, AuxRouterOwner, logit
+from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import MoMaConfig
 from .layout import ModalityLayout, narrow_layout
 from .moma_mlp import GroupRouter, MoMaMLP
@@ -161,9 +161,9 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             if self._should_train_aux(forward_id):
                 targets_T1 = torch.zeros_like(scores_T, dtype=torch.bool)
                 targets_T1[selected_K] = True
-                self._aux_losses.append(self.mod_aux_router.loss(
-                    x_TH, targets_T1.unsqueeze(1), self._modality_ids(modality_layout, x_TH),
-                    self.aux_threshold))
+                self._aux_losses.append(PendingAuxLoss(
+                    self.mod_aux_router, x_TH.detach(), targets_T1.unsqueeze(1),
+                    self._modality_ids(modality_layout, x_TH), self.aux_threshold))
         positions_T = torch.arange(seq, device=x_TH.device).repeat_interleave(batch)
         output = self._forward_selected(hidden_states, selected_K, scores_T[selected_K],
                                         modality_layout, positions_T, rotary_pos_emb)

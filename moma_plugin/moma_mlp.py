@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
-from .aux_router import AuxRouter, AuxRouterOwner, logit
+from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import ExpertGroup, MoMaConfig, expert_capacity
 from .experts import (
     expert_of_each_row,
@@ -189,8 +189,9 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
                 targets_GE = torch.zeros_like(scores_GE, dtype=torch.bool)
                 experts_EC = torch.arange(group.num_experts, device=x_GH.device).unsqueeze(1)
                 targets_GE[local_index_EC, experts_EC.expand_as(local_index_EC)] = True
-                self._aux_losses.append(self.aux_router[group.name].loss(
-                    x_GH, targets_GE, layout.modality_ids_T[group_tokens_G], self.aux_threshold))
+                self._aux_losses.append(PendingAuxLoss(
+                    self.aux_router[group.name], x_GH.detach(), targets_GE,
+                    layout.modality_ids_T[group_tokens_G], self.aux_threshold))
         return RoutingPlan(torch.cat(token_indices), torch.cat(gates), tokens_per_expert)
 
     def route_causal(self, x_TH: Tensor, layout: ModalityLayout) -> RoutingPlan:

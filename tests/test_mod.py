@@ -7,7 +7,12 @@ import pytest
 import torch
 
 import moma_plugin as mp
-from moma_plugin.aux_router import mark_aux_routers_trained, set_routing_mode
+from moma_plugin.aux_router import (
+    mark_aux_routers_trained,
+    pop_aux_loss,
+    set_aux_router_training,
+    set_routing_mode,
+)
 from moma_plugin.routing import threshold_choice, threshold_choice_reference
 
 from .helpers import random_batch, tiny_config, tiny_model
@@ -233,3 +238,107 @@ def test_causal_mode_is_causal_and_train_mode_is_not(experts, mod_interval):
     x = torch.randn(64, 32)
     decisions = torch.cat([(r(x) > 0).reshape(-1) for _, r in mp.aux_router.aux_routers(model)])
     assert 0 < decisions.float().mean() < 1
+
+
+def test_only_the_configured_layers_run_the_packed_path_with_kd_tokens(monkeypatch):
+    """mod_start_layer=1, interval 2 on 5 layers: layers 1 and 3 (0-based) are MoD, and only they hand
+    ``_forward_selected`` their k_d tokens, once per forward."""
+    config = tiny_config(num_layers=5, mod_interval=2, mod_start_layer=1, mod_capacity=0.3)
+    model = tiny_model(config, seq_length=10)
+    assert [layer.is_mod for layer in model.decoder.layers] == [False, True, False, True, False]
+    calls = []
+    original = mp.MoMaTransformerLayer._forward_selected
+
+    def counting(self, hidden_states, selected_K, *args, **kwargs):
+        calls.append((self.layer_number, selected_K.numel(), selected_K.clone()))
+        return original(self, hidden_states, selected_K, *args, **kwargs)
+
+    monkeypatch.setattr(mp.MoMaTransformerLayer, "_forward_selected", counting)
+    tokens, positions, ids = random_batch(3, 10, seed=9)
+    with torch.no_grad():
+        model(tokens, positions[:, :10], None, modality_ids=ids)
+    k_d = math.ceil(30 * 0.3)
+    assert [(number, count) for number, count, _ in calls] == [(2, k_d), (4, k_d)]
+    for _, _, selected in calls:  # ascending, distinct flat token indices
+        assert torch.equal(selected, selected.unique()) and int(selected.max()) < 30
+    metrics = mp.collect_routing_metrics(model)
+    assert {k.split("/")[1] for k in metrics if k.startswith("mod/")} == {"layer2", "layer4"}
+
+
+def test_packed_mod_layer_matches_a_reference_with_expert_choice():
+    """Two experts per modality, grouped execution: expert choice then runs over the k_d selected
+    tokens of the whole micro-batch. Reference: selection by a Python sort of the router scores,
+    attention per sample on its selected tokens alone, then the MLP (expert choice over all selected
+    tokens, a layout built afresh) and x + r * (out - x). No packing or narrowing code involved."""
+    config = tiny_config(num_layers=2, mod_interval=2, mod_capacity=0.4, moma_experts="2t2i",
+                         moma_post_norm=True)
+    model = tiny_model(config, seq_length=12)
+    layer = _mod_layer(model)
+    batch, seq = 3, 11
+    tokens, positions, ids = random_batch(batch, seq, seed=6)
+    x, y, _ = _layer_io(model, layer, (tokens, positions, ids))
+    x_TH = x.reshape(-1, 32)
+    with torch.no_grad():
+        scores = torch.sigmoid(x_TH @ layer.mod_router.weight.t()).squeeze(1).tolist()
+    k_d = math.ceil(batch * seq * 0.4)
+    selected = sorted(sorted(range(batch * seq), key=lambda t: -scores[t])[:k_d])
+    attended = {}
+    layer.is_mod = False
+    try:
+        with torch.no_grad():
+            for sample in range(batch):
+                mine = [t for t in selected if t % batch == sample]
+                if mine:
+                    out, _ = layer._forward_attention(x_TH[mine].unsqueeze(1))
+                    attended.update(zip(mine, out[:, 0]))
+            y_K1H = torch.stack([attended[t] for t in selected]).unsqueeze(1)
+            modality_T = ids.t().reshape(-1)
+            layout = mp.build_modality_layout(modality_T[selected], 2)
+            with layer.mlp.routing_layout(layout):
+                out_K1H = layer._forward_mlp(y_K1H)
+    finally:
+        layer.is_mod = True
+    expected = x_TH.clone()
+    for row, t in enumerate(selected):
+        expected[t] = x_TH[t] + scores[t] * (out_K1H[row, 0] - x_TH[t])
+    torch.testing.assert_close(y.reshape(-1, 32), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["torch-checkpoint", "reentrant"])
+def test_recompute_counts_mod_metrics_and_aux_losses_once(reentrant, monkeypatch):
+    """Full recompute reruns each checkpointed forward in backward (torch's early stop turned off, so
+    the rerun goes to the end): the loss, every gradient (the aux routers' included), the raw routing
+    and aux counts and the aux losses equal those without it. ``reentrant``: the forward runs without
+    gradients, as in Megatron's ``tensor_parallel.checkpoint`` (the GPU path), emulated on the CPU."""
+    if reentrant:
+        monkeypatch.setattr(mp.MoMaTransformerBlock, "_checkpoint", lambda self, f, h, c:
+                            torch.utils.checkpoint.checkpoint(f, h, c, use_reentrant=True))
+    tokens, positions, ids = random_batch(2, 16, seed=4)
+    counters = ("mod_tokens_M2", "tokens_per_expert_ME", "selection_histogram_M3", "confusion_M4")
+    results = []
+    for extra in ({}, dict(recompute_granularity="full", recompute_method="uniform",
+                           recompute_num_layers=1)):
+        model = tiny_model(tiny_config(num_layers=4, mod_interval=2, mod_capacity=0.25,
+                                       moma_post_norm=True, **extra))
+        set_aux_router_training(model, True)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            loss = model(tokens, positions, None, labels=tokens, modality_ids=ids).mean()
+        aux_losses = sum(len(owner._aux_losses) for owner in mp.aux_router.aux_owners(model))
+        aux = pop_aux_loss(model)
+        (loss + aux).backward()
+        leftover = pop_aux_loss(model)  # nothing recorded again by the recompute in backward
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        counts = {n: b.clone() for n, b in model.named_buffers() if n.endswith(counters)}
+        results.append((loss.detach(), aux.detach(), aux_losses, leftover, grads, counts))
+    (loss0, aux0, n0, left0, grads0, counts0), (loss1, aux1, n1, left1, grads1, counts1) = results
+    assert n0 == n1 == 2 + 4 * 2 and left0 is None and left1 is None  # 2 MoD + 4 layers x 2 groups
+    torch.testing.assert_close(loss1, loss0)
+    torch.testing.assert_close(aux1, aux0)
+    assert grads0.keys() == grads1.keys()
+    assert any("mod_aux_router" in n for n in grads0) and any("mod_router" in n for n in grads0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert counts0.keys() == counts1.keys() and len(counts0) == 2 * 2 + 4 * 4
+    for name in counts0:
+        assert torch.equal(counts1[name], counts0[name]), name
+    assert int(model.decoder.layers[2].mod_tokens_M2[:, 0].sum()) == 8  # ceil(32 * 0.25), once
