@@ -3,9 +3,11 @@ launcher for multi-process tests."""
 
 import os
 import socket
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as torch_mp
 
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
@@ -14,6 +16,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ranks(function, args, nprocs: int = 2, timeout_s: float = 180, what: str = "the two ranks"):
+    """Runs ``function(rank, *args)`` in ``nprocs`` spawned processes. A rank's exception is re-raised
+    here (ending the others); ranks still running after ``timeout_s`` are killed and the test fails."""
+    context = torch_mp.spawn(function, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{what} did not finish within {timeout_s} s")
 
 
 def pytest_configure(config):

@@ -149,20 +149,9 @@ def _stage_two_rank(rank, port, load, workdir):
 def test_stage_two_over_two_data_parallel_ranks(pretrained, tmp_path):
     """Each rank trains on its own micro-batches; gradients are averaged, so both ranks hold the same
     routers (rank 0 writes the checkpoint) and report the same held-out numbers."""
-    import time
+    from .conftest import free_port, run_ranks
 
-    import torch.multiprocessing as torch_mp
-
-    from .conftest import free_port
-
-    context = torch_mp.spawn(_stage_two_rank, nprocs=2, join=False,
-                             args=(free_port(), str(pretrained / "checkpoints"), str(tmp_path)))
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the two ranks did not finish within 180 s")
+    run_ranks(_stage_two_rank, (free_port(), str(pretrained / "checkpoints"), str(tmp_path)))
     reports = [torch.load(tmp_path / f"report{r}.pt", weights_only=False) for r in range(2)]
     assert reports[0] == reports[1]
     routers = [torch.load(tmp_path / f"routers{r}.pt") for r in range(2)]

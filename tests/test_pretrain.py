@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as torch_mp
 
 from moma_plugin.training import checkpointing, loop
 from moma_plugin.training.arguments import parse_args
 
-from .conftest import free_port
+from .conftest import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 # A small model and short run: a few seconds per run on 2 cores.
@@ -299,13 +298,7 @@ def test_data_and_tensor_parallel_runs_match_one_process(megatron_single_process
                                   "4", "--eval-iters", "4", "--run-dir", str(tmp_path / "dp1-mod")]),
         "tp2-mod": loop.pretrain([*common, *MOD_JOINT, "--run-dir", str(tmp_path / "tp1-mod")]),
     }
-    context = torch_mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the two ranks did not finish within 180 s")
+    run_ranks(_rank_main, (free_port(), str(tmp_path)))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for kind in ("dp2", "tp2", "dp2-mod", "tp2-mod"):

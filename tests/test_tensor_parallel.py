@@ -11,18 +11,16 @@ after ``JOIN_TIMEOUT_S``.
 import contextlib
 import os
 import re
-import time
 from collections import Counter
 from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as torch_mp
 
 import moma_plugin as mp
 from moma_plugin import moma_mlp as moma_mlp_module
 
-from .conftest import free_port
+from .conftest import free_port, run_ranks
 from .helpers import random_batch, tiny_config, tiny_model
 
 TP = 2
@@ -198,16 +196,8 @@ def tp_results(megatron_single_process, tmp_path_factory):
     payload_path = workdir / "payload.pt"
     torch.save({"states": states, "batch": batch, "loss_weights": loss_weights}, payload_path)
 
-    context = torch_mp.spawn(_rank_main, args=(free_port(), str(payload_path), str(workdir)),
-                             nprocs=TP, join=False)
-    # join() re-raises a rank's exception (and ends the other rank); it returns False on timeout.
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"TP={TP} ranks did not finish within {JOIN_TIMEOUT_S} s")
+    run_ranks(_rank_main, (free_port(), str(payload_path), str(workdir)), nprocs=TP,
+              timeout_s=JOIN_TIMEOUT_S, what=f"TP={TP} ranks")
     results = {
         variant: (references[variant],
                   [torch.load(workdir / f"{variant}-rank{rank}.pt", weights_only=False)
