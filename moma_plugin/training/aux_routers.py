@@ -30,13 +30,11 @@ from ..aux_router import (
     pop_aux_loss,
     set_aux_router_training,
 )
-from ..data.dataset import build_datasets
 from ..data.sampler import BalancedSampler, target_shares_from_experts
 from . import checkpointing
 from .from_checkpoint import (
     args_from_checkpoint,
     build_from_checkpoint,
-    data_prefix,
     load_checkpoint_state,
 )
 from .metrics_log import MetricsWriter
@@ -46,6 +44,8 @@ from .loop import (
     collate,
     evaluate,
     forward_loss,
+    held_out_batches,
+    load_datasets,
     seed_everything,
     setup_parallel,
     to_device,
@@ -114,13 +114,7 @@ def held_out_aux_metrics(model, dataset, args, parallel) -> Dict[str, float]:
     collect_aux_metrics(model, reset=True)
     set_aux_router_training(model, True)
     model.eval()
-    per_step = args.micro_batch_size * parallel.dp
-    steps = len(dataset) // per_step
-    if args.eval_iters is not None:
-        steps = min(steps, args.eval_iters)
-    for step in range(steps):
-        start = step * per_step + parallel.dp_rank * args.micro_batch_size
-        batch = collate([dataset[i] for i in range(start, start + args.micro_batch_size)])
+    for batch in held_out_batches(dataset, args, parallel):
         forward_loss(model, to_device(batch, parallel.device))
         pop_aux_loss(model)
     model.train()
@@ -142,6 +136,8 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
     if parallel.tp_rank != 0:  # every TP rank reads its own shard
         state = load_checkpoint_state(options.load, TOOL, parallel.tp_rank)
     seed_everything(options.seed)
+    # Before the model: the vocabulary beside the data must exist (the bundled corpus built once).
+    train_set, valid_set = load_datasets(args, parallel, TOOL)
     model, config, layout = build_from_checkpoint(state, args, parallel, TOOL)
     routers = aux_router_parameters(model)
     if not routers:
@@ -151,8 +147,6 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
         p.requires_grad_(False)
     set_aux_router_training(model, True)  # the aux routers (only) require gradients again
 
-    train_set, valid_set = build_datasets([data_prefix(args)] if not args.data_path else args.data_path,
-                                          args.seq_length, args.valid_fraction, args.seed)
     counts = train_set.modality_counts()
     sampler = BalancedSampler(counts, args.micro_batch_size, parallel.dp,
                               target_shares_from_experts(args.moma_experts, layout.modalities),

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -130,6 +130,22 @@ def setup_parallel(args) -> Parallel:
                     dp=parallel_state.get_data_parallel_world_size(), device=device,
                     tp_group=parallel_state.get_tensor_model_parallel_group(),
                     dp_group=parallel_state.get_data_parallel_group())
+
+
+def load_datasets(args, parallel: Parallel, tool: str):
+    """(train, held-out) datasets of ``--data-path``, or of the bundled corpus without it (built once,
+    by rank 0, while the other ranks wait). Bad paths stop the job with ``<tool>: error: ...``."""
+    if args.data_path:
+        data_path = args.data_path
+    else:
+        if parallel.is_first:
+            bundled_dataset_prefix()
+        torch.distributed.barrier()
+        data_path = [bundled_dataset_prefix()]
+    try:
+        return build_datasets(data_path, args.seq_length, args.valid_fraction, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{tool}: error: {e}") from None
 
 
 def seed_everything(seed: int):
@@ -312,14 +328,10 @@ def metric_buffers(model) -> Dict[str, torch.Tensor]:
             if name.rsplit(".", 1)[-1] in METRIC_BUFFERS}
 
 
-@torch.no_grad()
-def evaluate(model, dataset, args, layout, parallel: Parallel,
-             routing_mode: str = "train") -> Dict[str, float]:
-    """Held-out loss and perplexity per modality (and overall) over ``--eval-iters`` micro-batches
-    per rank (default: the whole held-out split, split over data-parallel ranks), with the given
-    routing mode (``causal``: aux routers decide). Draws no random numbers and leaves the routing
-    statistics of training untouched."""
-    num_modalities = len(layout.modalities)
+def held_out_batches(dataset, args, parallel: Parallel) -> Iterator[Dict[str, torch.Tensor]]:
+    """This rank's collated micro-batches of ``--eval-iters`` evaluation steps (default: the whole
+    held-out split, each step split over the data-parallel ranks), built one at a time. Checks the
+    split is large enough when called, not when first iterated."""
     per_step = args.micro_batch_size * parallel.dp
     steps = len(dataset) // per_step
     if args.eval_iters is not None:
@@ -328,15 +340,27 @@ def evaluate(model, dataset, args, layout, parallel: Parallel,
         raise SystemExit(f"moma-pretrain: error: the held-out split has {len(dataset)} samples, fewer "
                          f"than one evaluation step of {per_step}; raise --valid-fraction or lower "
                          "--micro-batch-size")
+    starts = (step * per_step + parallel.dp_rank * args.micro_batch_size for step in range(steps))
+    return (collate([dataset[i] for i in range(start, start + args.micro_batch_size)])
+            for start in starts)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, layout, parallel: Parallel,
+             routing_mode: str = "train") -> Dict[str, float]:
+    """Held-out loss and perplexity per modality (and overall) over ``--eval-iters`` micro-batches
+    per rank (default: the whole held-out split, split over data-parallel ranks), with the given
+    routing mode (``causal``: aux routers decide). Draws no random numbers and leaves the routing
+    statistics of training untouched."""
+    num_modalities = len(layout.modalities)
+    batches = held_out_batches(dataset, args, parallel)
     saved_metrics = {name: buffer.clone() for name, buffer in metric_buffers(model).items()}
     aux_training = any(owner.aux_training for owner in aux_owners(model))
     set_aux_router_training(model, False)
     model.eval()
     set_routing_mode(model, routing_mode)
     sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
-    for step in range(steps):
-        start = step * per_step + parallel.dp_rank * args.micro_batch_size
-        batch = collate([dataset[i] for i in range(start, start + args.micro_batch_size)])
+    for batch in batches:
         label_mod = label_modalities(batch, layout)
         batch = to_device(batch, parallel.device)
         sums += modality_loss_sums(forward_loss(model, batch), batch["loss_mask"], label_mod,
@@ -439,18 +463,7 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
     if parallel.is_first:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    # Data: the bundled corpus unless --data-path is given (built once, by rank 0).
-    if args.data_path:
-        data_path = args.data_path
-    else:
-        if parallel.is_first:
-            bundled_dataset_prefix()
-        torch.distributed.barrier()
-        data_path = [bundled_dataset_prefix()]
-    try:
-        train_set, valid_set = build_datasets(data_path, args.seq_length, args.valid_fraction, args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"moma-pretrain: error: {e}") from None
+    train_set, valid_set = load_datasets(args, parallel, "moma-pretrain")
     layout = train_set.layout
     if tuple(layout.modalities) != tuple(args.moma_modalities):
         raise SystemExit(f"moma-pretrain: error: the data holds modalities {layout.modalities} but "
