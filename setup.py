@@ -20,6 +20,7 @@ setup(
         "moma-compare=moma_plugin.compare:main",
         "moma-train-aux-routers=moma_plugin.training.aux_routers:main",
         "moma-generate=moma_plugin.training.generate:main",
+        "moma-torchrun=moma_plugin.launch:main",
     ]},
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -43,7 +43,8 @@ def add_moma_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--moma-force-balanced-routing", action="store_true",
                        help="debug: ignore scores when choosing tokens; every expert gets the same load")
     group.add_argument("--moma-vocab-ranges", type=parse_vocab_ranges, default=None,
-                       help="token-id ranges per modality, NAME:START:END[,...]")
+                       help="token-id ranges per modality, NAME:START:END[,...]; moma-pretrain checks "
+                            "them against the data (default: the data's, from its .vocab.json)")
     group.add_argument("--moma-post-norm", action="store_true",
                        help="Chameleon-style norm after each sublayer instead of before")
     group.add_argument("--moma-expert-execution", choices=("grouped", "loop"), default="grouped",

@@ -181,12 +181,13 @@ def pop_aux_loss(model: torch.nn.Module):
 
 def collect_aux_metrics(model: torch.nn.Module, reset: bool = True) -> Dict[str, float]:
     """Accuracy, precision, recall of each aux router against the expert-choice targets, per layer
-    and modality, e.g. ``aux/layer2/image/experts_accuracy`` and ``aux/layer1/text/mod_recall``;
+    and modality, e.g. ``aux/layer1/image/experts_accuracy`` and ``aux/layer0/text/mod_recall`` (layers
+    counted from 0, as in parameter names);
     plus ``aux/accuracy`` over everything. Decisions counted since the last reset."""
     metrics: Dict[str, float] = {}
     total = torch.zeros(4, dtype=torch.long)
     for owner in aux_owners(model):
-        layer = owner.layer_number
+        layer = owner.layer_number - 1
         for kind, router in owner.aux_routers():
             confusion = router.confusion_M4.cpu()
             for modality, name in enumerate(owner.config.moma_modalities):

@@ -10,14 +10,19 @@ Input: run directories written by the training job. Each holds
 
 Speed-up factor eta (MoMa paper, arXiv 2407.21770): a sparse model has speed-up eta when it reaches the
 dense model's pre-training loss with 1/eta of the dense model's FLOPs. Here both curves are loss vs
-cumulative training FLOPs (train losses smoothed by a trailing moving average, eval losses as they are),
-compared at equal FLOPs:
+cumulative training FLOPs (train losses smoothed by a trailing mean over a window of iterations, eval
+losses as they are), compared at equal FLOPs:
   * budget F = min(final FLOPs of the baseline, final FLOPs of the run); L_d = baseline loss at F;
   * if the run reaches L_d (first crossing, linear interpolation) at F_s <= F: eta = F / F_s >= 1;
   * otherwise the run is slower: with L_r its loss at F and F_b the FLOPs at which the baseline first
     reaches L_r, eta = F_b / F <= 1;
   * NaN when the curves do not overlap in FLOPs or neither reaches the other's level.
 A curve already below the level at its first point counts as reaching it there, so eta is then a bound.
+
+Smoothing (``--smooth N``): each train record becomes the mean of the records of the last N iterations
+(by iteration number, not by record count), and a smoothed curve starts only where its window is full,
+so a run's first, fast-falling losses never bend it. The default window is 10% of the longest run's
+iterations. The table reports each run's final loss as logged (its last record), not smoothed.
 """
 
 import argparse
@@ -65,27 +70,50 @@ class Run:
                              f"use --source {other}, or let the job run until it logs {source} metrics.")
         return recs
 
-    def curve(self, key: str, source: str = "train", smooth: int = 10) -> Tuple[np.ndarray, np.ndarray]:
-        """(FLOPs, loss) arrays of series ``key``, skipping records without a finite value; train losses
-        are smoothed by a trailing moving average of ``smooth`` points (1: none)."""
-        pts = [(r["flops"], r[key]) for r in self.require(source)
+    def points(self, key: str, source: str = "train") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(iterations, FLOPs, loss) of series ``key`` as logged, skipping records without a finite
+        value."""
+        pts = [(r["iteration"], r["flops"], r[key]) for r in self.require(source)
                if isinstance(r.get(key), (int, float)) and isinstance(r.get("flops"), (int, float))
                and math.isfinite(r[key]) and math.isfinite(r["flops"])]
-        flops = np.array([p[0] for p in pts], dtype=float)
-        loss = np.array([p[1] for p in pts], dtype=float)
+        return tuple(np.array([p[i] for p in pts], dtype=float) for i in range(3))
+
+    def curve(self, key: str, source: str = "train", smooth: int = 10) -> Tuple[np.ndarray, np.ndarray]:
+        """(FLOPs, loss) arrays of series ``key``; train losses smoothed by a trailing mean over
+        ``smooth`` iterations (1: none), from the first record whose window is full."""
+        iterations, flops, loss = self.points(key, source)
         if source == "train":
-            loss = moving_average(loss, smooth)
+            keep, loss = trailing_mean(iterations, loss, smooth)
+            flops = flops[keep]
         return flops, loss
 
+    @property
+    def last_iteration(self) -> int:
+        return max(r["iteration"] for records in self.records.values() for r in records)
 
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over the last ``window`` points (fewer at the start)."""
-    if window <= 1 or len(values) == 0:
-        return values
+
+def trailing_mean(iterations: np.ndarray, values: np.ndarray, window: int
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """(kept mask, smoothed values of the kept records): record i becomes the mean of the records j
+    with ``iterations[i] - window < iterations[j] <= iterations[i]``, kept only when its window is
+    full: it reaches back to the first record's own span (a record covers the iterations since the one
+    before it). Fewer than one full window: the values as they are."""
+    if window <= 1 or len(values) < 2:
+        return np.ones(len(values), dtype=bool), values
+    first_span = iterations[1] - iterations[0]
+    keep = iterations - window >= iterations[0] - first_span
+    if not keep.any():
+        return np.ones(len(values), dtype=bool), values
     csum = np.concatenate([[0.0], np.cumsum(values)])
     hi = np.arange(1, len(values) + 1)
-    lo = np.maximum(hi - window, 0)
-    return (csum[hi] - csum[lo]) / (hi - lo)
+    lo = np.searchsorted(iterations, iterations - window, side="right")
+    smoothed = (csum[hi] - csum[lo]) / (hi - lo)
+    return keep, smoothed[keep]
+
+
+def default_window(runs: Sequence["Run"]) -> int:
+    """10% of the longest run's iterations (at least 1)."""
+    return max(1, round(0.1 * max(r.last_iteration for r in runs)))
 
 
 def load_run(path) -> Run:
@@ -188,11 +216,24 @@ def _title(key: str) -> str:
     return "overall" if key == "loss" else key[len("loss_"):]
 
 
-def plot_runs(runs: Sequence[Run], output_path, source: str = "train", smooth: int = 10) -> Path:
-    """Loss vs cumulative training FLOPs (log x), one subplot per series, one line per run; writes a PNG."""
+def plot_runs(runs: Sequence[Run], output_path, source: str = "train",
+              smooth: Optional[int] = None) -> Path:
+    """Loss vs cumulative training FLOPs as a PNG (see ``draw_runs``)."""
+    fig = draw_runs(runs, source, smooth)
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_path, dpi=120)
+    return output_path
+
+
+def draw_runs(runs: Sequence[Run], source: str = "train", smooth: Optional[int] = None):
+    """A figure of loss vs cumulative training FLOPs (log x), one subplot per series, one line per run
+    (train: the smoothed curve, and faintly the losses as logged; a series of one point: a marker).
+    ``smooth``: window in iterations (default ``default_window``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    smooth = default_window(runs) if smooth is None else smooth
     keys = _series_keys(runs)
     fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -202,34 +243,40 @@ def plot_runs(runs: Sequence[Run], output_path, source: str = "train", smooth: i
         for r in runs:
             flops, loss = r.curve(key, source, smooth)
             keep = flops > 0  # log axis
-            if keep.any():
-                ax.plot(flops[keep], loss[keep], label=r.label)
-                drawn += 1
+            if not keep.any():
+                continue
+            style = {"marker": "o"} if keep.sum() == 1 else ({"marker": "."} if source == "eval" else {})
+            line = ax.plot(flops[keep], loss[keep], label=r.label, **style)[0]
+            _, raw_flops, raw_loss = r.points(key, source)
+            if source == "train" and smooth > 1 and len(raw_loss) > 1:
+                shown = raw_flops > 0
+                ax.plot(raw_flops[shown], raw_loss[shown], color=line.get_color(), alpha=0.25, lw=0.8)
+            drawn += 1
         ax.set_xscale("log")
         ax.set_title(_title(key))
         ax.set_xlabel("training FLOPs")
         ax.grid(True, which="both", alpha=0.3)
     if not drawn:
         raise ValueError(f"nothing to plot: no run has {source} losses at positive FLOPs.")
-    smoothed = f", trailing mean of {smooth}" if source == "train" and smooth > 1 else ""
+    smoothed = (f"\n(mean of the last {smooth} iterations; faint: as logged)"
+                if source == "train" and smooth > 1 else "")
     axes[0].set_ylabel(f"{source} loss{smoothed}")
     axes[0].legend(fontsize="small")
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output_path, dpi=120)
-    return output_path
+    return fig
 
 
 def summarize(runs: Sequence[Run], baseline: Optional[Run], source: str = "train",
-              smooth: int = 10) -> dict:
-    """Per run: metadata, final FLOPs, final (smoothed) loss and eta per series; NaN given as None."""
+              smooth: Optional[int] = None) -> dict:
+    """Per run: metadata, final FLOPs, final loss as logged and eta (on the smoothed curves) per series;
+    NaN given as None."""
+    smooth = default_window(runs) if smooth is None else smooth
     keys = _series_keys(runs)
     out = {"source": source, "smooth": smooth if source == "train" else 1, "series": keys,
            "baseline": baseline.name if baseline else None, "runs": []}
     for r in runs:
         final_loss, eta = {}, {}
         for key in keys:
-            flops, loss = r.curve(key, source, smooth)
+            _, _, loss = r.points(key, source)
             final_loss[key] = float(loss[-1]) if len(loss) else None
             is_other = baseline is not None and r is not baseline
             e = speedup(baseline, r, key, source, smooth) if is_other else math.nan
@@ -266,26 +313,35 @@ def format_table(summary: dict) -> str:
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
-    smooth = f", trailing mean of {summary['smooth']}" if summary["smooth"] > 1 else ""
+    smooth = (f"; eta on train losses averaged over the last {summary['smooth']} iterations"
+              if summary["smooth"] > 1 else "")
     note = (f"* baseline: {summary['baseline']}; eta = FLOPs the baseline needs / FLOPs the run needs "
             f"for the same loss" if summary["baseline"] else "no baseline: eta not computed")
-    return "\n".join(lines + [f"({summary['source']} losses{smooth}; {note})"])
+    return "\n".join(lines + [f"(final {summary['source']} losses as logged{smooth}; {note})"])
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
-        prog="moma-compare", description="Plot loss vs training FLOPs of MoMa runs and print the speed-up "
+        prog="moma-compare", formatter_class=HelpFormatter, description="Plot loss vs training FLOPs of MoMa runs and print the speed-up "
         "factor eta of each against a dense baseline.")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (run.json + metrics.jsonl)")
     parser.add_argument("--baseline", metavar="RUN", help="baseline run directory or name "
                         "(default: the single run with moma_experts 'dense')")
-    parser.add_argument("--source", choices=SOURCES, default="train", help="train or eval losses (default train)")
-    parser.add_argument("--smooth", type=int, default=10, metavar="N",
-                        help="trailing moving average of N points on train losses (default 10; 1: none)")
-    parser.add_argument("--output", default="compare.png", metavar="PNG", help="plot file (default compare.png)")
+    parser.add_argument("--source", choices=SOURCES, default="train", help="train or eval losses")
+    parser.add_argument("--smooth", type=int, default=None, metavar="N",
+                        help="average train losses over the last N iterations (1: none; default: 10%% "
+                             "of the longest run's iterations)")
+    parser.add_argument("--output", default="compare.png", metavar="PNG", help="plot file")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.smooth < 1:
+    if args.smooth is not None and args.smooth < 1:
         parser.error("--smooth must be >= 1")
     try:
         runs = [load_run(p) for p in args.runs]

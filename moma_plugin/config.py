@@ -146,9 +146,10 @@ class MoMaConfig(TransformerConfig):
                 f"moma_modalities={self.moma_modalities} must be a non-empty tuple of distinct names."
             )
         self.moma_expert_groups = parse_expert_groups(self.moma_experts, self.moma_modalities)
-        if not self.moma_capacity_factor > 0:
+        if not (math.isfinite(self.moma_capacity_factor) and self.moma_capacity_factor > 0):
             raise ValueError(
-                f"moma_capacity_factor={self.moma_capacity_factor} must be > 0 (paper: 1.0)."
+                f"moma_capacity_factor={self.moma_capacity_factor} must be a finite number > 0 "
+                "(paper: 1.0)."
             )
         if self.moma_expert_execution not in ("grouped", "loop"):
             raise ValueError(

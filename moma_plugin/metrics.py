@@ -19,14 +19,15 @@ def mod_layers(model: torch.nn.Module) -> List[MoMaTransformerLayer]:
 def collect_routing_metrics(model: torch.nn.Module, reset: bool = True) -> Dict[str, float]:
     """Flat, dashboard-friendly metrics summed since the last reset, e.g.
     ``moma/layer3/image/tokens_per_expert_min``, ``moma/layer3/text/picked_by_0_frac`` and, for
-    Mixture-of-Depths layers, ``mod/layer1/image/processed_frac`` (share of the modality's tokens the
+    Mixture-of-Depths layers, ``mod/layer0/image/processed_frac`` (share of the modality's tokens the
     layer processed).
 
-    Layer numbers are Megatron's global 1-based ``layer_number``. One host read per layer.
+    Layers are counted from 0, as in parameter names (``decoder.layers.3...`` is ``layer3``) and
+    ``--mod-start-layer``: Megatron's global ``layer_number`` minus one. One host read per layer.
     """
     metrics: Dict[str, float] = {}
     for index, mlp in enumerate(moma_layers(model)):
-        layer = getattr(mlp, "layer_number", None) or index + 1
+        layer = mlp.layer_number - 1 if getattr(mlp, "layer_number", None) else index
         modalities = mlp.config.moma_modalities
         loads = mlp.tokens_per_expert_ME.sum(0).tolist()
         histogram = mlp.selection_histogram_M3.tolist()
@@ -49,7 +50,7 @@ def collect_routing_metrics(model: torch.nn.Module, reset: bool = True) -> Dict[
     for layer in mod_layers(model):
         for name, (processed, seen) in zip(layer.config.moma_modalities, layer.mod_tokens_M2.tolist()):
             if seen:
-                metrics[f"mod/layer{layer.layer_number}/{name}/processed_frac"] = processed / seen
+                metrics[f"mod/layer{layer.layer_number - 1}/{name}/processed_frac"] = processed / seen
         if reset:
             layer.reset_metrics()
     return metrics

@@ -32,6 +32,10 @@ class MoMaGPTModel(GPTModel):
     ):
         if not isinstance(config, MoMaConfig):
             raise TypeError(f"MoMaGPTModel needs a MoMaConfig, got {type(config).__name__}.")
+        for name, (start, end) in (config.moma_vocab_ranges or {}).items():
+            if end > vocab_size:
+                raise ValueError(f"moma_vocab_ranges[{name!r}]=({start}, {end}) reaches beyond "
+                                 f"vocab_size={vocab_size}; the ranges must lie inside the vocabulary.")
         # GPTModel always builds a plain TransformerBlock; give it no layers, then put ours in its
         # place (same attribute, so parameter names and order are those of a GPTModel).
         super().__init__(

@@ -286,7 +286,7 @@ def test_aux_router_training_beats_all_zeros_and_leaves_the_model_alone():
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux_params)
     before = collect_aux_metrics(model)
-    assert {"aux/layer1/text/mod_accuracy", "aux/layer1/image/experts_recall"} <= before.keys()
+    assert {"aux/layer0/text/mod_accuracy", "aux/layer0/image/experts_recall"} <= before.keys()
 
     optimizer = torch.optim.Adam(aux_params, lr=1e-2)
     first = None

@@ -8,7 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from moma_plugin.compare import first_crossing, load_run, main, moving_average, pick_baseline, plot_runs, speedup
+from moma_plugin.compare import (
+    default_window,
+    draw_runs,
+    first_crossing,
+    load_run,
+    main,
+    pick_baseline,
+    plot_runs,
+    speedup,
+    summarize,
+    trailing_mean,
+)
 
 ITERS = 400
 FLOPS_PER_ITER = 1e15
@@ -65,9 +76,20 @@ def runs(tmp_path):
     }
 
 
-def test_moving_average_and_crossing():
-    np.testing.assert_allclose(moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
-    np.testing.assert_allclose(moving_average(np.array([1.0, 3.0]), 1), [1.0, 3.0])
+def test_trailing_mean_by_iterations_and_crossing():
+    keep, smoothed = trailing_mean(np.array([1.0, 2, 3, 4]), np.array([1.0, 3.0, 5.0, 7.0]), 2)
+    # each record covers one iteration; a 2-iteration window is full from the second record on
+    assert keep.tolist() == [False, True, True, True]
+    np.testing.assert_allclose(smoothed, [2.0, 4.0, 6.0])
+    keep, smoothed = trailing_mean(np.array([1.0, 2]), np.array([1.0, 3.0]), 1)
+    assert keep.all() and smoothed.tolist() == [1.0, 3.0]
+    # records every 10 iterations (each the mean of its 10): a 30-iteration window averages 3 records,
+    # whatever the record count; never a cumulative mean over a partial window
+    iterations = np.array([10.0, 20, 30, 40, 50, 60, 80, 100])  # logging got sparser after 60
+    values = np.array([9.0, 7, 5, 4, 3, 2, 1.5, 1])
+    keep, smoothed = trailing_mean(iterations, values, 30)
+    assert keep.tolist() == [False, False, True, True, True, True, True, True]
+    np.testing.assert_allclose(smoothed, [7.0, 16 / 3, 4.0, 3.0, 1.75, 1.25])
     flops, loss = np.array([1.0, 2.0, 4.0]), np.array([3.0, 2.0, 1.0])
     assert first_crossing(flops, loss, 1.5) == pytest.approx(3.0)
     assert first_crossing(flops, loss, 5.0) == 1.0  # already below at the first point
@@ -80,7 +102,7 @@ def test_load_run(runs):
     assert run.num_parameters == 123_000_000 and run.series_keys == ["loss", "loss_text", "loss_image"]
     assert [r["iteration"] for r in run.records["train"]] == list(range(1, ITERS + 1))
     assert len(run.records["eval"]) == ITERS // 20
-    flops, loss = run.curve("loss_text", "train", smooth=1)
+    flops, loss = run.curve("loss_text", "train", smooth=1)  # 1: as logged
     np.testing.assert_allclose(flops, np.arange(1, ITERS + 1) * FLOPS_PER_ITER * 0.5)
     np.testing.assert_allclose(loss, 6.0 - 0.08 * np.log(2 * flops))  # twice as fast
 
@@ -191,16 +213,42 @@ def test_plot_png(tmp_path, runs):
     assert img.std() > 0.01  # not a blank canvas
 
 
+def test_final_loss_is_the_logged_one_and_the_smoothed_curve_has_no_kink(tmp_path):
+    """The issue's case: a short run whose early losses fall fast. A trailing mean over records started
+    as a cumulative mean (a kink) and reported a final loss far above the last logged one."""
+    lines = [train_line(it, {m: 1.0 for m in CURVES}) for it in range(10, 310, 10)]
+    for line in lines:  # steep start: loss 3x higher at iteration 10, falling off quickly
+        boost = 2 * math.exp(-line["iteration"] / 30)
+        for key in ("loss", "loss_text", "loss_image"):
+            line[key] += boost
+    run = load_run(write_run(tmp_path, "short", "dense", lines=lines))
+    summary = summarize([run], None)
+    assert summary["smooth"] == default_window([run]) == 30
+    assert summary["runs"][0]["final_loss"]["loss"] == lines[-1]["loss"]  # as logged
+    flops, loss = run.curve("loss", "train", 30)
+    assert flops[0] == lines[2]["flops"]  # starts where the window is full
+    assert (np.diff(loss) < 0).all()  # monotone like the data: no kink where a window fills
+
+
+def test_plot_draws_a_single_evaluation_as_a_marker(tmp_path):
+    lines = [train_line(it, {m: 1.0 for m in CURVES}) for it in range(1, 50)]
+    final = dict(train_line(49, {m: 1.0 for m in CURVES}), kind="eval")
+    run = load_run(write_run(tmp_path, "one_eval", "dense", lines=lines + [final]))
+    assert plot_runs([run], tmp_path / "eval.png", source="eval").read_bytes()[:4] == b"\x89PNG"
+    line = draw_runs([run], source="eval").axes[0].lines[0]
+    assert len(line.get_xdata()) == 1 and line.get_marker() == "o"  # a line of one point is invisible
+
+
 def test_cli(tmp_path, runs, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main([str(runs[k]) for k in runs] + ["--json", "out.json"]) == 0
+    assert main([str(runs[k]) for k in runs] + ["--json", "out.json", "--smooth", "10"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     rows = {line.split()[0] if not line.startswith("*") else "dense": line for line in out.splitlines()[1:5]}
     assert rows["dense"].startswith("* dense") and "base" in rows["dense"]
     assert rows["fast"].split()[-3:] == ["2.00", "2.00", "2.00"]
     assert rows["slow"].split()[-3:] == ["0.50", "0.50", "0.50"]
-    eta_text, eta_image = map(float, rows["mixed"].split()[-2:])  # trailing mean of 10: lags a little
+    eta_text, eta_image = map(float, rows["mixed"].split()[-2:])  # a 10-iteration mean: lags a little
     assert eta_text == pytest.approx(1.5, rel=2e-2) and eta_image == pytest.approx(3.0, rel=3e-2)
     summary = json.loads((tmp_path / "out.json").read_text())
     assert summary["baseline"] == "dense"

@@ -247,7 +247,7 @@ def test_bundled_corpus_through_the_whole_pipeline(tmp_path, monkeypatch):
     prefix = tmp_path / "builtin"
     main(["--builtin", "--output-prefix", str(prefix), "--quiet"])
     summary = json.loads(open(f"{prefix}.summary.json").read())
-    assert summary["documents"] == len(open(tmp_path / "cache" / "builtin_corpus_v2" /
+    assert summary["documents"] == len(open(tmp_path / "cache" / "builtin_corpus_v3" /
                                             "documents.jsonl").read().splitlines())
     train = PackedSequenceDataset(prefix, 64, "train")
     valid = PackedSequenceDataset(prefix, 64, "valid")

@@ -81,11 +81,11 @@ def test_metrics_report_processed_share_per_modality():
     metrics = mp.collect_routing_metrics(model)
     layer = model.decoder.layers[0]
     assert set(k for k in metrics if k.startswith("mod/")) == {
-        "mod/layer1/text/processed_frac", "mod/layer1/image/processed_frac"}
+        "mod/layer0/text/processed_frac", "mod/layer0/image/processed_frac"}
     assert layer.mod_tokens_M2.sum() == 0  # reset by collecting
     ids = random_batch(2, 16)[2]
     counts = torch.bincount(ids.reshape(-1), minlength=2)
-    processed = sum(metrics[f"mod/layer1/{m}/processed_frac"] * counts[i]
+    processed = sum(metrics[f"mod/layer0/{m}/processed_frac"] * counts[i]
                     for i, m in enumerate(("text", "image")))
     assert processed.item() == pytest.approx(8)  # ceil(32 * 0.25)
 
@@ -197,7 +197,7 @@ def test_mod_router_gets_gradients_and_recompute_matches():
         assert grad is not None and grad.abs().sum() > 0
         results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         metrics = mp.collect_routing_metrics(model)
-        assert metrics["mod/layer1/text/processed_frac"] < 1
+        assert metrics["mod/layer0/text/processed_frac"] < 1
     assert results[0].keys() == results[1].keys()
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
@@ -262,7 +262,7 @@ def test_only_the_configured_layers_run_the_packed_path_with_kd_tokens(monkeypat
     for _, _, selected in calls:  # ascending, distinct flat token indices
         assert torch.equal(selected, selected.unique()) and int(selected.max()) < 30
     metrics = mp.collect_routing_metrics(model)
-    assert {k.split("/")[1] for k in metrics if k.startswith("mod/")} == {"layer2", "layer4"}
+    assert {k.split("/")[1] for k in metrics if k.startswith("mod/")} == {"layer1", "layer3"}
 
 
 def test_packed_mod_layer_matches_a_reference_with_expert_choice():

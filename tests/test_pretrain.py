@@ -15,6 +15,8 @@ import torch
 
 from moma_plugin.training import checkpointing, loop
 from moma_plugin.training.arguments import parse_args
+from moma_plugin.training.initialize import build_model, setup_parallel
+from moma_plugin.training.metrics_log import losses_from_sums
 
 from .conftest import free_port, run_ranks
 
@@ -65,7 +67,7 @@ def test_end_to_end_on_the_bundled_corpus(tmp_path):
         assert r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0
         assert r["sampler_target_image"] == 0.5 and abs(r["sampler_share_image"] - 0.5) < 0.1
         assert min(r["loss_text"], r["loss_image"]) <= r["loss"] <= max(r["loss_text"], r["loss_image"])
-        assert "moma/layer1/image/tokens_per_expert_max" in r
+        assert "moma/layer0/image/tokens_per_expert_max" in r
     assert all(math.isfinite(evals[-1][k]) for k in ("loss_text", "loss_image", "ppl_text", "ppl_image"))
     assert evals[-1]["ppl_image"] == pytest.approx(math.exp(evals[-1]["loss_image"]))
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -134,34 +136,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert (checkpointing.iteration_dir(run_dir / "checkpoints", saved) / "mp_rank_00").is_dir()
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
     # It resumes from there.
-    proc = run_cli([*TINY, "--train-iters", str(saved + 1), "--eval-interval", "100000",
-                    "--run-dir", str(run_dir)])
+    proc = run_cli([*TINY, "--train-iters", "100000", "--exit-interval", str(saved + 1),
+                    "--log-interval", "1", "--eval-interval", "100000", "--run-dir", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {checkpointing.iteration_dir(run_dir / 'checkpoints', saved)}" in proc.stdout
-
-
-@pytest.mark.parametrize("save_interval", ["100", "2"])  # "2": the last good state is saved already
-def test_nan_loss_stops_after_saving_the_last_good_state(megatron_single_process, tmp_path,
-                                                         monkeypatch, capsys, save_interval):
-    calls = {"n": 0}
-    real = loop.forward_loss
-
-    def poisoned(model, batch):
-        calls["n"] += 1
-        loss = real(model, batch)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(loop, "forward_loss", poisoned)
-    result = loop.pretrain([*TINY, "--train-iters", "10", "--eval-interval", "100",
-                            "--save-interval", save_interval, "--run-dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert result.status == "nan" and result.iteration == 2
-    assert result.checkpoint == checkpointing.iteration_dir(tmp_path / "checkpoints", 2)
-    assert f"is in {result.checkpoint}" in err
-    assert "non-finite loss at iteration 3" in err and "Lower --lr" in err
-    assert checkpointing.read_tracker(tmp_path / "checkpoints") == 2
-    state = checkpointing.load_checkpoint(str(tmp_path / "checkpoints"), 0)
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if isinstance(t, torch.Tensor))
 
 
 def test_per_modality_loss_sums_match_a_manual_computation():
@@ -170,7 +148,7 @@ def test_per_modality_loss_sums_match_a_manual_computation():
     mask = (torch.rand(3, 7, generator=g) > 0.2).float()
     modality = torch.randint(0, 3, (3, 7), generator=g)
     sums = loop.modality_loss_sums(loss, mask, modality, 3)
-    values = loop.losses_from_sums(sums, ("text", "image", "speech"), with_ppl=True)
+    values = losses_from_sums(sums, ("text", "image", "speech"), with_ppl=True)
     for m, name in enumerate(("text", "image", "speech")):
         picked = [loss[i, j].item() for i in range(3) for j in range(7)
                   if modality[i, j] == m and mask[i, j] > 0]
@@ -184,12 +162,12 @@ def test_evaluation_equals_a_manual_pass_over_the_held_out_split(megatron_single
     """evaluate() against per-sample forwards with the label modality taken from the vocabulary."""
     args = parse_args([*TINY, "--run-dir", str(tmp_path), "--micro-batch-size", "2"])
     args.eval_iters = 3
-    parallel = loop.setup_parallel(args)
+    parallel = setup_parallel(args)
     from moma_plugin.data.corpus import bundled_dataset_prefix
     from moma_plugin.data.dataset import build_datasets
 
     _, valid = build_datasets([bundled_dataset_prefix()], args.seq_length, args.valid_fraction, args.seed)
-    model, _ = loop.build_model(args, valid.layout, parallel)
+    model, _ = build_model(args, valid.layout, parallel)
     values = loop.evaluate(model, valid, args, valid.layout, parallel)
     image_start, image_end = valid.layout.range_of("image")
     totals = {"text": [0.0, 0], "image": [0.0, 0]}
@@ -342,4 +320,4 @@ def test_paper_configs_parse_and_are_flops_matched():
     tiny = vars(parse_args(["--config", str(REPO / "examples/configs/tiny_cpu.yaml")]))
     defaults = vars(parse_args([]))
     differing = {k for k in tiny if tiny[k] != defaults[k]}
-    assert differing == {"config", "global_batch_size"} and tiny["global_batch_size"] == 8
+    assert differing == {"config", "global_batch_size", "explicit"} and tiny["global_batch_size"] == 8

@@ -1,23 +1,30 @@
 """The bundled corpus: real images that ship inside scikit-learn, with captions from their labels,
-arranged as interleaved documents. Built on first use into a cache folder; no network.
+arranged as interleaved documents, and text-only documents from Python's own documentation. Built on
+first use into a cache folder; no network.
 
-Contents (see docs/DATA.md for sizes and licenses):
-- the 1,797 handwritten digits of ``sklearn.datasets.load_digits`` (8x8, 17 grey levels), in documents
-  of 1-4 digits: caption before image, image before caption, or a caption per image;
-- 64 crops of the two photos of ``sklearn.datasets.load_sample_images`` (a temple in China, a flower),
-  captioned with the photo's subject and where the crop lies.
+Two datasets with one vocabulary (see docs/DATA.md for sizes and licenses):
+- ``bundled:interleaved``: the 1,797 handwritten digits of ``sklearn.datasets.load_digits`` (8x8, 17
+  grey levels), in documents of 1-4 digits (caption before image, image before caption, or a caption
+  per image), and 64 crops of the two photos of ``sklearn.datasets.load_sample_images`` (a temple in
+  China, a flower), captioned with the photo's subject and where the crop lies. 48% image tokens.
+- ``bundled:text``: the help topics of the Python documentation that ship with every Python
+  (``pydoc_data.topics``), one document per topic, tokenized with the interleaved dataset's tokenizers.
+  Blending the two (``--data-path 0.26 bundled:interleaved 0.74 bundled:text``) gives any text:image
+  ratio down to 48% image tokens, so every paper layout (``7t1i``, ``6t2i``) can be served.
 """
 
 import json
 import os
 from pathlib import Path
-from typing import List, Union
+from typing import Dict, List, Union
 
 import numpy as np
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PHOTO_SUBJECTS = {"china.jpg": "a temple in China", "flower.jpg": "a flower in close-up"}
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
+# --data-path names of the bundled datasets -> the suffix of their prefix.
+BUNDLED = {"bundled:interleaved": "", "bundled:text": "_text"}
 
 
 def digit_fact(digit: int) -> str:
@@ -116,23 +123,65 @@ def build_builtin_corpus(directory: Union[str, Path, None] = None, seed: int = 1
     rng = np.random.default_rng(seed)
     documents = _digit_documents(rng, image_dir) + _photo_documents(rng, image_dir)
     documents = [documents[i] for i in rng.permutation(len(documents))]
-    partial = jsonl.with_suffix(".partial")
-    with open(partial, "w") as f:
-        for document in documents:
-            f.write(json.dumps(document) + "\n")
-    partial.rename(jsonl)  # a crash mid-write never leaves a truncated corpus behind
+    _write_jsonl(jsonl, documents)
     return jsonl
 
 
-def bundled_dataset_prefix(quiet: bool = True) -> str:
-    """Indexed-dataset prefix of the bundled corpus, preprocessed into the cache on first use (a few
-    seconds). In a multi-process job, call it on one rank first and barrier before the others read."""
+def build_text_corpus(directory: Union[str, Path, None] = None) -> Path:
+    """Writes ``text_documents.jsonl``: one text-only document per help topic of Python's own
+    documentation (``pydoc_data.topics``, shipped with Python), in topic-name order."""
+    directory = Path(directory or default_cache_dir() / f"builtin_corpus_v{CORPUS_VERSION}")
+    jsonl = directory / "text_documents.jsonl"
+    if jsonl.exists():
+        return jsonl
+    from pydoc_data.topics import topics
+
+    directory.mkdir(parents=True, exist_ok=True)
+    documents = [{"segments": [{"text": topics[name].strip()}]} for name in sorted(topics)
+                 if topics[name].strip()]
+    _write_jsonl(jsonl, documents)
+    return jsonl
+
+
+def _write_jsonl(path: Path, documents: List[dict]):
+    partial = path.with_suffix(".partial")
+    with open(partial, "w") as f:
+        for document in documents:
+            f.write(json.dumps(document) + "\n")
+    partial.rename(path)  # a crash mid-write never leaves a truncated corpus behind
+
+
+def build_builtin_datasets(prefix: Union[str, Path], quiet: bool = True) -> List[Dict]:
+    """Preprocesses the bundled corpus into ``prefix`` (interleaved) and ``prefix_text`` (text only,
+    with the interleaved dataset's tokenizers, so that the two share one vocabulary and blend).
+    Returns both summaries."""
+    from .preprocess import build_parser, preprocess
+
+    common = ["--quiet"] if quiet else []
+    interleaved = build_parser().parse_args(
+        ["--input", str(build_builtin_corpus()), "--output-prefix", str(prefix), *common])
+    text = build_parser().parse_args(
+        ["--input", str(build_text_corpus()), "--output-prefix", f"{prefix}_text", *common,
+         "--text-tokenizer", f"{prefix}.tokenizers/text", "--image-tokenizer",
+         f"{prefix}.tokenizers/image"])
+    return [preprocess(interleaved), preprocess(text)]
+
+
+def bundled_dataset_prefix(name: str = "bundled:interleaved", quiet: bool = True) -> str:
+    """Indexed-dataset prefix of a bundled dataset (``bundled:interleaved`` or ``bundled:text``),
+    both preprocessed into the cache on first use (a few seconds). In a multi-process job, call it on
+    one rank first and barrier before the others read."""
     from .dataset import dataset_exists
 
+    if name not in BUNDLED:
+        raise ValueError(f"{name!r} is not a bundled dataset; use one of {', '.join(BUNDLED)}")
     prefix = default_cache_dir() / f"builtin_dataset_v{CORPUS_VERSION}" / "builtin"
-    if not dataset_exists(prefix):
-        from .preprocess import main as preprocess
+    if not all(dataset_exists(f"{prefix}{suffix}") for suffix in BUNDLED.values()):
+        print(f"building the bundled datasets at {prefix} ...", flush=True)
+        build_builtin_datasets(prefix, quiet=quiet)
+    return f"{prefix}{BUNDLED[name]}"
 
-        print(f"building the bundled dataset at {prefix} ...", flush=True)
-        preprocess(["--builtin", "--output-prefix", str(prefix)] + (["--quiet"] if quiet else []))
-    return str(prefix)
+
+def resolve_data_path(items) -> List[str]:
+    """``--data-path`` items with the bundled names replaced by their prefixes (built if needed)."""
+    return [bundled_dataset_prefix(item) if item in BUNDLED else item for item in items]

@@ -3,9 +3,16 @@ into fixed-length training sequences like Megatron's GPT dataset.
 
 Files of a dataset with prefix P:
   P.bin, P.idx         one sequence per document (megatron.core's IndexedDataset format)
-  P.vocab.json         the VocabularyLayout: which ids are text, image codes, sentinels
+  P.vocab.json         the VocabularyLayout: which ids are text, image codes, sentinels; and the size
+                       and SHA-256 of each file the vocabulary belongs with (``files``)
   P.counts.npy         [documents, modalities] tokens of each modality in each document
+  P.tokenizers/        the text and image tokenizers that wrote it (``moma-preprocess``)
 A token's modality follows from its id and the vocabulary, so no modality stream is stored.
+
+Opening a dataset checks that its files belong together: each file listed in the vocabulary JSON
+must have its recorded size and checksum (files over ``FULL_CHECK_BYTES`` are checked by size and a
+sampled checksum, ``storage.sampled_sha256``), and the .idx must describe exactly the tokens the .bin
+holds. A set that does not match is refused with the file named.
 """
 
 from pathlib import Path
@@ -13,9 +20,15 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
+from .. import storage
 from .vocab import VocabularyLayout
+
+FULL_CHECK_BYTES = 256 << 20
+_IDX_HEADER = b"MMIDIDX\x00\x00"
+_IDX_FIXED_BYTES = 34  # header 9, version 8, dtype code 1, sequence count 8, document count 8
+CHECKSUMMED = (".bin", ".idx", ".counts.npy")
 
 
 def write_indexed_dataset(prefix: Union[str, Path], documents: Iterable[Sequence[int]],
@@ -34,13 +47,87 @@ def write_indexed_dataset(prefix: Union[str, Path], documents: Iterable[Sequence
         builder.end_document()
         counts.append(np.bincount(layout.modality_ids(tokens), minlength=len(layout.modalities)))
     builder.finalize(f"{prefix}.idx")
-    layout.save(f"{prefix}.vocab.json")
     np.save(f"{prefix}.counts.npy", np.array(counts, dtype=np.int64).reshape(-1, len(layout.modalities)))
+    layout.save(f"{prefix}.vocab.json", files=file_records(prefix))  # last: it makes the others a dataset
     return len(counts)
 
 
 def dataset_exists(prefix: Union[str, Path]) -> bool:
     return all(Path(f"{prefix}{suffix}").exists() for suffix in (".bin", ".idx", ".vocab.json"))
+
+
+def file_records(prefix: Union[str, Path]) -> Dict[str, Dict[str, object]]:
+    """{suffix or tokenizer file: {bytes, sha256[, sampled_sha256]}} of a dataset's files, for its
+    vocabulary JSON."""
+    prefix = Path(prefix)
+    paths = {suffix: Path(f"{prefix}{suffix}") for suffix in CHECKSUMMED}
+    tokenizers = Path(f"{prefix}.tokenizers")
+    if tokenizers.is_dir():
+        for path in sorted(p for p in tokenizers.rglob("*") if p.is_file()):
+            paths[".tokenizers/" + path.relative_to(tokenizers).as_posix()] = path
+    records = {}
+    for name, path in paths.items():
+        if path.exists():
+            record = {"bytes": path.stat().st_size, "sha256": storage.sha256_file(path)}
+            if record["bytes"] > FULL_CHECK_BYTES:
+                record["sampled_sha256"] = storage.sampled_sha256(path)
+            records[name] = record
+    return records
+
+
+def check_dataset_files(prefix: Union[str, Path]) -> None:
+    """Raises ValueError naming the file when the dataset's files do not belong together (see the
+    module docstring)."""
+    prefix = Path(prefix)
+    vocab_path = Path(f"{prefix}.vocab.json")
+    for name, record in VocabularyLayout.load_files(vocab_path).items():
+        path = Path(f"{prefix}{name}") if not name.startswith(".tokenizers/") else \
+            Path(f"{prefix}.tokenizers") / name[len(".tokenizers/"):]
+        if not path.exists():
+            raise ValueError(f"{path} is missing ({vocab_path} lists it); run moma-preprocess again")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ValueError(f"{path} has {size:,} bytes but {vocab_path} records {record['bytes']:,}: "
+                             "the files are from different moma-preprocess runs or one is truncated; "
+                             "run moma-preprocess again")
+        if "sampled_sha256" in record:
+            same = storage.sampled_sha256(path) == record["sampled_sha256"]
+        else:
+            same = storage.sha256_file(path) == record["sha256"]
+        if not same:
+            raise ValueError(f"{path} does not match its checksum in {vocab_path}: it belongs to another "
+                             "dataset or was changed; run moma-preprocess again")
+    _check_indexed_files(prefix)
+
+
+def _check_indexed_files(prefix: Path) -> None:
+    """The .idx describes exactly the tokens of the .bin (also for datasets written by other tools)."""
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    idx_size, bin_size = idx.stat().st_size, bin_.stat().st_size
+    if bin_size == 0:
+        raise ValueError(f"{bin_} is empty; run moma-preprocess again")
+    with open(idx, "rb") as f:
+        header = f.read(_IDX_FIXED_BYTES)
+        if len(header) < _IDX_FIXED_BYTES or header[:9] != _IDX_HEADER:
+            raise ValueError(f"{idx} is not a Megatron indexed-dataset index (truncated or another "
+                             "format); run moma-preprocess again")
+        dtype_code = header[17]
+        sequences = int(np.frombuffer(header[18:26], dtype="<u8")[0])
+        documents = int(np.frombuffer(header[26:34], dtype="<u8")[0])
+        expected = _IDX_FIXED_BYTES + 12 * sequences + 8 * documents
+        if idx_size < expected:
+            raise ValueError(f"{idx} is truncated: {idx_size:,} bytes, its header announces "
+                             f"{sequences:,} sequences ({expected:,} bytes); run moma-preprocess again")
+        lengths = np.frombuffer(f.read(4 * sequences), dtype=np.int32)
+    try:
+        itemsize = np.dtype(DType.dtype_from_code(dtype_code)).itemsize
+    except (KeyError, ValueError):
+        raise ValueError(f"{idx} names an unknown token dtype code {dtype_code}") from None
+    tokens_bytes = int(lengths.astype(np.int64).sum()) * itemsize
+    if tokens_bytes != bin_size:
+        raise ValueError(f"{idx} describes {tokens_bytes:,} bytes of tokens but {bin_} holds "
+                         f"{bin_size:,}: the .idx and .bin are not of the same dataset (or one is "
+                         "truncated); run moma-preprocess again")
 
 
 def split_documents(num_documents: int, valid_fraction: float, seed: int) -> Dict[str, np.ndarray]:
@@ -63,12 +150,10 @@ class PackedSequenceDataset(torch.utils.data.Dataset):
     def __init__(self, prefix: Union[str, Path], seq_length: int, split: str = "train",
                  valid_fraction: float = 0.05, seed: int = 1234):
         if not dataset_exists(prefix):
-            raise FileNotFoundError(
-                f"no dataset at prefix {prefix!r}: expected {prefix}.bin, .idx and .vocab.json "
-                "(write one with `moma-preprocess`)."
-            )
+            raise FileNotFoundError(_missing_dataset_message(prefix))
         self.prefix, self.seq_length, self.split = str(prefix), seq_length, split
         self.layout = VocabularyLayout.load(f"{prefix}.vocab.json")
+        check_dataset_files(prefix)
         self.indexed = IndexedDataset(self.prefix)
         num_documents = len(self.indexed.document_indices) - 1
         documents = split_documents(num_documents, valid_fraction, seed)[split]
@@ -108,7 +193,9 @@ class PackedSequenceDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} of {self.num_samples}")
         start = index * self.seq_length
-        window = torch.from_numpy(self.stream(start, start + self.seq_length + 1))
+        window = self.stream(start, start + self.seq_length + 1)
+        self._check_ids(window, start)
+        window = torch.from_numpy(window)
         tokens, labels = window[:-1], window[1:]
         return {
             "tokens": tokens,
@@ -118,10 +205,25 @@ class PackedSequenceDataset(torch.utils.data.Dataset):
             "modality_ids": torch.from_numpy(self.layout.modality_ids(tokens.numpy()).astype(np.int64)),
         }
 
+    def _check_ids(self, tokens: np.ndarray, start: int):
+        """Raises ValueError naming the dataset and document of a token id outside the vocabulary
+        (``start``: the stream position of ``tokens[0]``)."""
+        bad = np.nonzero((tokens < 0) | (tokens >= self.layout.vocab_size))[0]
+        if not len(bad):
+            return
+        position = start + int(bad[0])
+        document = int(self.documents[int(np.searchsorted(self.offsets, position, side="right")) - 1])
+        raise ValueError(
+            f"{self.prefix}: document {document} (0-based, in .bin order) holds token id "
+            f"{int(tokens[bad[0]])}, outside the vocabulary [0, {self.layout.vocab_size}) of "
+            f"{self.prefix}.vocab.json: the .bin was written with another vocabulary; run "
+            "moma-preprocess again")
+
     def modality_counts(self) -> np.ndarray:
         """[samples, modalities] input tokens of each modality per sample (what a balanced sampler
-        needs); computed once over the whole stream."""
+        needs); computed once over the whole stream, which also checks every token id."""
         stream = self.stream(0, self.num_samples * self.seq_length)
+        self._check_ids(stream, 0)
         ids = self.layout.modality_ids(stream).reshape(self.num_samples, self.seq_length)
         num_modalities = len(self.layout.modalities)
         return np.stack([(ids == m).sum(1) for m in range(num_modalities)], axis=1).astype(np.int64)
@@ -154,6 +256,29 @@ class BlendedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         return self.datasets[self.dataset_index[index]][int(self.sample_index[index])]
 
+    @property
+    def layout(self) -> VocabularyLayout:
+        return self.datasets[0].layout  # build_datasets checks that the parts share it
+
+    def modality_counts(self) -> np.ndarray:
+        """[samples, modalities] input tokens of each modality per blended sample."""
+        parts = [dataset.modality_counts() for dataset in self.datasets]
+        counts = np.zeros((len(self), parts[0].shape[1]), dtype=np.int64)
+        for index, part in enumerate(parts):
+            chosen = self.dataset_index == index
+            counts[chosen] = part[self.sample_index[chosen]]
+        return counts
+
+
+def _missing_dataset_message(prefix) -> str:
+    present = [s for s in (".bin", ".idx", ".vocab.json") if Path(f"{prefix}{s}").exists()]
+    if present:
+        return (f"the dataset at prefix {prefix!r} is incomplete: {prefix}{present[0]} is there but "
+                f"{', '.join(s for s in ('.bin', '.idx', '.vocab.json') if s not in present)} is "
+                "missing (an interrupted moma-preprocess?); run moma-preprocess again")
+    return (f"no dataset at prefix {prefix!r}: expected {prefix}.bin, .idx and .vocab.json "
+            "(write one with `moma-preprocess`)")
+
 
 def parse_data_path(items: Sequence[str]) -> List[tuple]:
     """``["p"]`` or ``["w1", "p1", "w2", "p2"]`` -> [(weight, prefix), ...], Megatron style."""
@@ -170,11 +295,24 @@ def parse_data_path(items: Sequence[str]) -> List[tuple]:
     return pairs
 
 
+def json_key(layout: VocabularyLayout) -> str:
+    import json
+
+    return json.dumps(layout.to_json(), sort_keys=True)
+
+
 def build_datasets(data_path: Sequence[str], seq_length: int, valid_fraction: float = 0.05,
                    seed: int = 1234, train_samples: Optional[int] = None):
     """(train, valid) datasets from Megatron-style ``--data-path`` items; several prefixes are
     blended by weight (train: ``train_samples`` samples, default the sum of the parts)."""
     pairs = parse_data_path(data_path)
+    layouts = {prefix: VocabularyLayout.load(f"{prefix}.vocab.json") for _, prefix in pairs
+               if Path(f"{prefix}.vocab.json").exists()}
+    if len({json_key(layout) for layout in layouts.values()}) > 1:
+        raise ValueError("--data-path blends datasets of different vocabularies ("
+                         + ", ".join(f"{p}: {layout.vocab_size} ids" for p, layout in layouts.items())
+                         + "); preprocess them with the same tokenizers (moma-preprocess "
+                         "--text-tokenizer DIR --image-tokenizer DIR)")
     splits = {}
     for split in ("train", "valid"):
         parts = [PackedSequenceDataset(prefix, seq_length, split, valid_fraction, seed)

@@ -7,22 +7,33 @@ list of segments works too). Image paths are absolute or relative to the JSONL f
     moma-preprocess --builtin --output-prefix data/builtin      # the bundled corpus
 
 Without ``--text-tokenizer`` / ``--image-tokenizer`` directories, a byte-level BPE and a patch k-means
-codebook are trained on the input and saved in ``<prefix>.tokenizers/``. A bad line (invalid JSON, a
-missing or unreadable image, an empty document) stops the run with ``file:line: what is wrong``; with
-``--skip-bad`` it is skipped, counted and its reason listed at the end.
+codebook are trained on the input and saved in ``<prefix>.tokenizers/``. A bad line (invalid JSON,
+not UTF-8, a missing or unreadable image, an empty document) stops the run with ``file:line: what is
+wrong``; with ``--skip-bad`` it is skipped, counted and its reason listed at the end. Images are read as
+8-bit RGB: 16-bit greyscale is scaled down, transparency and frames after the first are dropped, and the
+run says how many images each of these concerned.
+
+The outputs are written under a temporary prefix and published together, the vocabulary JSON (with the
+size and SHA-256 of every file it belongs with) last: a killed run leaves the previous dataset or no
+dataset at the prefix, never old and new files mixed, and a mismatched set is refused when opened.
 """
 
 import argparse
 import json
 import multiprocessing
+import os
+import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .. import storage
+from ..cli import HelpFormatter, UsageError
 from .vocab import TEXT, VocabularyLayout
 
 
@@ -36,14 +47,55 @@ class Document:
     segments: List[Tuple[str, object]]  # ("text", str) or ("image", np.ndarray uint8)
 
 
-def load_image(path: Path) -> np.ndarray:
+# What loading an image had to change, counted and reported once per run (``ImageNotes``).
+ALPHA_DROPPED = "had transparency (an alpha channel or a transparent palette colour): dropped, colours kept"
+FRAMES_DROPPED = "were animated or multi-page: only the first frame was used"
+DEEP_CONVERTED = "had more than 8 bits per channel: scaled to 8 bits"
+
+
+def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """8-bit values of a 16-bit or 32-bit greyscale image (PIL modes I;16*, I, F)."""
+    if mode == "F":
+        peak = 1.0 if array.max(initial=0) <= 1.0 else 65535.0 if array.max() > 255 else 255.0
+        return (np.clip(array / peak, 0, 1) * 255).round().astype(np.uint8)
+    array = array.astype(np.int64)
+    if mode.startswith("I;16") or array.max(initial=0) > 255:
+        return (np.clip(array, 0, 65535) * 255 / 65535).round().astype(np.uint8)
+    return np.clip(array, 0, 255).astype(np.uint8)
+
+
+def load_image(path: Path, notes: Optional[Counter] = None) -> np.ndarray:
+    """An image file as an [H, W, 3] uint8 array. 16-bit greyscale is scaled to 8 bits (PIL's own
+    conversion would clip it to white); transparency and frames after the first are dropped. Each
+    change is counted in ``notes``."""
     from PIL import Image
 
+    notes = Counter() if notes is None else notes
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        if getattr(image, "n_frames", 1) > 1:
+            notes[FRAMES_DROPPED] += 1
+            image.seek(0)
+        mode = image.mode
+        if mode in ("I", "F") or mode.startswith("I;16"):
+            array = _to_uint8(np.asarray(image), mode)
+            if mode != "I" or array.max(initial=0) > 255:
+                notes[DEEP_CONVERTED] += 1
+            return np.repeat(array[:, :, None], 3, axis=2)
+        if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+            notes[ALPHA_DROPPED] += 1
+        return np.asarray(image.convert("RGBA").convert("RGB") if mode == "P" else image.convert("RGB"))
 
 
-def parse_line(text: str, line: int, source: Path) -> Document:
+def _check_text(text: str, where: str, number: int):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadDocument(f"{where}: segment {number}: text holds a lone surrogate "
+                          f"{text[e.start]!r} at character {e.start} (an escape like \\ud800 without "
+                          "its pair): not valid Unicode text") from None
+
+
+def parse_line(text: str, line: int, source: Path, notes: Optional[Counter] = None) -> Document:
     """One JSONL line -> Document, loading its images; raises BadDocument naming file:line."""
     where = f"{source}:{line}"
     try:
@@ -56,13 +108,14 @@ def parse_line(text: str, line: int, source: Path) -> Document:
     parsed = []
     for number, segment in enumerate(segments, start=1):
         if isinstance(segment, dict) and isinstance(segment.get("text"), str):
+            _check_text(segment["text"], where, number)
             if segment["text"]:
                 parsed.append((TEXT, segment["text"]))
         elif isinstance(segment, dict) and isinstance(segment.get("image"), str):
             path = Path(segment["image"])
             path = path if path.is_absolute() else source.parent / path
             try:
-                parsed.append(("image", load_image(path)))
+                parsed.append(("image", load_image(path, notes)))
             except FileNotFoundError:
                 raise BadDocument(f"{where}: segment {number}: image file {path} does not exist")
             except Exception as error:  # PIL raises several types for corrupt files
@@ -77,13 +130,21 @@ def parse_line(text: str, line: int, source: Path) -> Document:
     return Document(line, parsed)
 
 
-def read_documents(source: Path, skip_bad: bool, skipped: List[str]) -> Iterator[Document]:
-    with open(source, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+def read_documents(source: Path, skip_bad: bool, skipped: List[str],
+                   notes: Optional[Counter] = None) -> Iterator[Document]:
+    """The documents of a JSONL file. Lines are decoded one by one, so a line that is not UTF-8
+    (latin-1, say) is a bad document like any other, named by file:line."""
+    with open(source, "rb") as f:
+        for line, raw in enumerate(f, start=1):
             try:
-                yield parse_line(text, line, source)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadDocument(f"{source}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                      f"column {e.start + 1}); write the file as UTF-8") from None
+                if not text.strip():
+                    continue
+                yield parse_line(text, line, source, notes)
             except BadDocument as error:
                 if not skip_bad:
                     raise
@@ -148,71 +209,139 @@ def _encode_in_worker(document: Document) -> np.ndarray:
 
 
 def _build_tokenizers(args, documents: List[Document], tokenizer_dir: Path):
+    """The text and image tokenizers (loaded, or trained on ``documents``), saved in ``tokenizer_dir``
+    either way: every dataset carries the tokenizers that wrote it."""
     from .image_tokenizer import PatchKMeansTokenizer, load_image_tokenizer
     from .text_tokenizer import BPETokenizer, ByteTokenizer, load_text_tokenizer
 
-    if args.text_tokenizer == "bytes":
-        text = ByteTokenizer()
-    elif args.text_tokenizer:
-        text = load_text_tokenizer(args.text_tokenizer)
-    else:
-        texts = [value for d in documents for kind, value in d.segments if kind == TEXT]
-        text = BPETokenizer.train(texts, vocab_size=args.text_vocab_size)
-        text.save(tokenizer_dir / "text")
-    if args.image_tokenizer:
-        image = load_image_tokenizer(args.image_tokenizer)
-    else:
+    try:
+        if args.text_tokenizer == "bytes":
+            text = ByteTokenizer()
+        elif args.text_tokenizer:
+            text = load_text_tokenizer(args.text_tokenizer)
+        else:
+            texts = [value for d in documents for kind, value in d.segments if kind == TEXT]
+            text = BPETokenizer.train(texts, vocab_size=args.text_vocab_size)
+        image = load_image_tokenizer(args.image_tokenizer) if args.image_tokenizer else None
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{e}") from None
+    if image is None:
         images = [value for d in documents for kind, value in d.segments if kind == "image"]
         if not images:
-            raise SystemExit("no images in the input: pass --image-tokenizer DIR or add images")
+            raise UsageError("no images in the input to fit an image tokenizer on: pass "
+                             "--image-tokenizer DIR (a saved one) or add images")
         image = PatchKMeansTokenizer.fit(images, image_size=args.image_size,
                                          patch_size=args.patch_size,
                                          codebook_size=args.codebook_size, seed=args.seed)
-        image.save(tokenizer_dir / "image")
+    text.save(tokenizer_dir / "text")
+    image.save(tokenizer_dir / "image")
     return text, image
 
 
 def preprocess(args) -> dict:
+    """Tokenizes ``args.input`` into the dataset ``args.output_prefix``. Everything is written under a
+    temporary prefix beside it and published together (``publish_dataset``), so a killed run leaves
+    the previous dataset, or none, never a mixture of old and new files."""
     from .dataset import write_indexed_dataset
 
     start = time.time()
     source = Path(args.input)
     skipped: List[str] = []
+    notes: Counter = Counter()
     try:
-        documents = list(read_documents(source, args.skip_bad, skipped))
+        documents = list(read_documents(source, args.skip_bad, skipped, notes))
     except BadDocument as error:
-        raise SystemExit(f"moma-preprocess: {error}\n(use --skip-bad to skip such documents)")
+        raise UsageError(f"{error}\n(use --skip-bad to skip such documents)") from None
+    except FileNotFoundError:
+        raise UsageError(f"--input {source}: no such file") from None
     if not documents:
-        raise SystemExit(f"moma-preprocess: no usable documents in {source}")
+        raise UsageError(f"no usable documents in {source}")
     prefix = Path(args.output_prefix)
-    tokenizer_dir = Path(f"{prefix}.tokenizers")
-    text_tokenizer, image_tokenizer = _build_tokenizers(args, documents, tokenizer_dir)
-    layout = VocabularyLayout(text_tokenizer.vocab_size, {"image": image_tokenizer.codebook_size})
-    encoder = DocumentEncoder(text_tokenizer, image_tokenizer, layout)
-    encode_start = time.time()
-    progress = _progress(len(documents), args.quiet)
-    if args.workers > 1:
-        context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-        with context.Pool(args.workers, initializer=_init_worker, initargs=(encoder,)) as pool:
-            encoded = list(progress(pool.imap(_encode_in_worker, documents, chunksize=16)))
-    else:
-        encoded = list(progress(map(encoder, documents)))
-    encode_seconds = time.time() - encode_start
-    count = write_indexed_dataset(prefix, encoded, layout)
-    counts = np.load(f"{prefix}.counts.npy").sum(0)
-    summary = {
-        "documents": count,
-        "skipped": len(skipped),
-        "skipped_reasons": skipped,
-        "tokens": {name: int(n) for name, n in zip(layout.modalities, counts)},
-        "vocab_size": layout.vocab_size,
-        "vocab_ranges": layout.vocab_ranges(),
-        "seconds": round(time.time() - start, 2),
-        "documents_per_second": round(count / max(encode_seconds, 1e-9), 1),
-        "output_prefix": str(prefix),
-    }
-    Path(f"{prefix}.summary.json").write_text(json.dumps(summary, indent=2))
+    staging = _staging_prefix(prefix)
+    try:
+        text_tokenizer, image_tokenizer = _build_tokenizers(args, documents, Path(f"{staging}.tokenizers"))
+        layout = VocabularyLayout(text_tokenizer.vocab_size, {"image": image_tokenizer.codebook_size})
+        encoder = DocumentEncoder(text_tokenizer, image_tokenizer, layout)
+        encode_start = time.time()
+        progress = _progress(len(documents), args.quiet)
+        if args.workers > 1:
+            context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+            with context.Pool(args.workers, initializer=_init_worker, initargs=(encoder,)) as pool:
+                encoded = list(progress(pool.imap(_encode_in_worker, documents, chunksize=16)))
+        else:
+            encoded = list(progress(map(encoder, documents)))
+        encode_seconds = time.time() - encode_start
+        count = write_indexed_dataset(staging, encoded, layout)
+        counts = np.load(f"{staging}.counts.npy").sum(0)
+        summary = {
+            "documents": count,
+            "skipped": len(skipped),
+            "skipped_reasons": skipped,
+            "image_notes": dict(notes),
+            "tokens": {name: int(n) for name, n in zip(layout.modalities, counts)},
+            "vocab_size": layout.vocab_size,
+            "vocab_ranges": layout.vocab_ranges(),
+            "seconds": round(time.time() - start, 2),
+            "documents_per_second": round(count / max(encode_seconds, 1e-9), 1),
+            "output_prefix": str(prefix),
+        }
+        Path(f"{staging}.summary.json").write_text(json.dumps(summary, indent=2))
+        publish_dataset(staging, prefix)
+    except BaseException as error:
+        _remove_prefix(staging)
+        if isinstance(error, OSError) and storage.is_disk_full(error):
+            raise UsageError(f"{storage.disk_full_message(prefix.parent)} while writing {prefix}; the "
+                             "previous dataset at that prefix (if any) is untouched") from None
+        raise
     return summary
+
+
+# Files of a dataset, in the order they are published; the vocabulary JSON comes last: it is what
+# makes the others a dataset (``dataset_exists``), and it records their checksums.
+_DATA_SUFFIXES = (".bin", ".idx", ".counts.npy", ".summary.json")
+
+
+def _staging_prefix(prefix: Path) -> Path:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for old in prefix.parent.glob(f".{prefix.name}.partial-*"):  # left by killed runs
+        pid = old.name.split(".partial-")[-1].split(".")[0]
+        if pid.isdigit() and not storage.pid_alive(int(pid)):
+            _remove_path(old)
+    return prefix.parent / f".{prefix.name}.partial-{os.getpid()}"
+
+
+def _remove_path(path: Path):
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_prefix(prefix: Path):
+    for suffix in (*_DATA_SUFFIXES, ".vocab.json", ".tokenizers"):
+        _remove_path(Path(f"{prefix}{suffix}"))
+
+
+def publish_dataset(staging: Path, prefix: Path):
+    """Moves a dataset written under ``staging`` to ``prefix``: the old vocabulary JSON goes first
+    (until the new one is in, no dataset is at ``prefix``: ``dataset_exists`` is False), the new one
+    last; every file is fsynced before its rename."""
+    old_vocab = Path(f"{prefix}.vocab.json")
+    old_vocab.unlink(missing_ok=True)
+    storage.fsync_path(prefix.parent)
+    for suffix in _DATA_SUFFIXES:
+        source = Path(f"{staging}{suffix}")
+        if source.exists():
+            storage.fsync_path(source)
+            os.replace(source, f"{prefix}{suffix}")
+    tokenizers = Path(f"{staging}.tokenizers")
+    if tokenizers.exists():
+        storage.replace_dir(tokenizers, Path(f"{prefix}.tokenizers"))
+    else:
+        _remove_path(Path(f"{prefix}.tokenizers"))  # saved tokenizers were given: drop stale ones
+    storage.fsync_path(f"{staging}.vocab.json")
+    os.replace(f"{staging}.vocab.json", old_vocab)
+    storage.fsync_path(prefix.parent)
 
 
 def _progress(total: int, quiet: bool):
@@ -227,35 +356,51 @@ def _progress(total: int, quiet: bool):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moma-preprocess", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="JSONL file of documents")
-    source.add_argument("--builtin", action="store_true", help="the bundled corpus (built on first use)")
+    source.add_argument("--builtin", action="store_true",
+                        help="the bundled corpus: writes PREFIX (interleaved text and images) and "
+                             "PREFIX_text (text only, same vocabulary)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.vocab.json/...")
-    parser.add_argument("--text-tokenizer", help="saved text tokenizer directory, or 'bytes'")
-    parser.add_argument("--image-tokenizer", help="saved image tokenizer directory")
-    parser.add_argument("--text-vocab-size", type=int, default=2048)
+    parser.add_argument("--text-tokenizer",
+                        help="saved text tokenizer directory, or 'bytes'; default: train a BPE")
+    parser.add_argument("--image-tokenizer",
+                        help="saved image tokenizer directory; default: fit a k-means codebook")
+    parser.add_argument("--text-vocab-size", type=int, default=2048, help="BPE vocabulary to train")
     parser.add_argument("--image-size", type=int, default=16, help="images are resized to this square")
-    parser.add_argument("--patch-size", type=int, default=4)
-    parser.add_argument("--codebook-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--patch-size", type=int, default=4, help="pixels per side of an image code")
+    parser.add_argument("--codebook-size", type=int, default=256, help="image codes to fit")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad documents")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the codebook fit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def main(argv=None):
+def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     if args.builtin:
-        from .corpus import build_builtin_corpus
+        from .corpus import build_builtin_datasets
 
-        args.input = str(build_builtin_corpus())
-    summary = preprocess(args)
-    for reason in summary["skipped_reasons"]:
-        print(f"skipped: {reason}", file=sys.stderr)
-    shown = {k: v for k, v in summary.items() if k != "skipped_reasons"}
-    print(json.dumps(shown, indent=2))
+        summaries = build_builtin_datasets(args.output_prefix, quiet=args.quiet)
+    else:
+        summaries = [preprocess(args)]
+    for summary in summaries:
+        for reason in summary["skipped_reasons"]:
+            print(f"skipped: {reason}", file=sys.stderr)
+        for note, count in summary["image_notes"].items():
+            print(f"note: {count} image(s) {note}", file=sys.stderr)
+        print(json.dumps({k: v for k, v in summary.items() if k != "skipped_reasons"}, indent=2))
+    return summaries[0]
+
+
+def main(argv=None):
+    from ..cli import run_tool
+
+    run_tool("moma-preprocess", run, argv)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,21 @@ def target_shares_from_experts(experts: str, modalities: Sequence[str] = ("text"
     return [g.num_experts / total for g in groups]
 
 
+def unmet_bound(counts: np.ndarray, target: Sequence[float], tolerance: float,
+                modalities: Sequence[str]) -> Optional[str]:
+    """Why the data as a whole cannot keep the bound for long (a modality's share of all tokens lies
+    further from its target than the tolerance: the pool then runs out of the samples the bound
+    needs, and micro-batches miss it), or None."""
+    shares = np.asarray(counts, dtype=np.float64).sum(0)
+    shares = shares / max(shares.sum(), 1)
+    far = [(name, share, goal) for name, share, goal in zip(modalities, shares, target)
+           if abs(share - goal) > tolerance]
+    if not far:
+        return None
+    return ", ".join(f"{name} is {share:.1%} of the data's tokens, the experts' share {goal:.1%}"
+                     for name, share, goal in far)
+
+
 class BalancedSampler:
     """Global-step batches for every data-parallel rank with bounded modality shares.
 
@@ -51,16 +66,19 @@ class BalancedSampler:
             None samples a plain seeded permutation without balancing.
         tolerance: largest allowed |share - target| per modality in a micro-batch.
         window: candidates in the pool (default: 8 global batches, at least 256).
+        modalities: names of the modalities, for messages (default: their indices).
     """
 
     def __init__(self, counts: np.ndarray, micro_batch_size: int, data_parallel_size: int = 1,
                  target_shares: Optional[Sequence[float]] = None, tolerance: float = 0.05,
-                 seed: int = 1234, window: Optional[int] = None, strict: bool = True):
+                 seed: int = 1234, window: Optional[int] = None, strict: bool = True,
+                 modalities: Optional[Sequence[str]] = None):
         self.counts = np.asarray(counts, dtype=np.float64)
         if self.counts.ndim != 2 or len(self.counts) == 0:
             raise ValueError("counts must be a non-empty [samples, modalities] array.")
         self.micro_batch_size, self.data_parallel_size = micro_batch_size, data_parallel_size
         self.tolerance, self.seed, self.strict = tolerance, seed, strict
+        self.modalities = list(modalities) if modalities else [str(m) for m in range(self.counts.shape[1])]
         self.window = window or max(8 * micro_batch_size * data_parallel_size, 256)
         self.window = min(self.window, len(self.counts))
         if self.window < micro_batch_size * data_parallel_size:
@@ -80,7 +98,7 @@ class BalancedSampler:
         for m, target in enumerate(self.target):
             if shares[:, m].max() < target - self.tolerance or shares[:, m].min() > target + self.tolerance:
                 raise ValueError(
-                    f"the data cannot meet the ratio bound for modality {m}: its share per sample "
+                    f"the data cannot meet the ratio bound for modality {self.modalities[m]}: its share per sample "
                     f"ranges over [{shares[:, m].min():.3f}, {shares[:, m].max():.3f}], the target is "
                     f"{target:.3f} +- {self.tolerance}. Mix in data with more of that modality, "
                     "widen the tolerance, or choose an expert layout matching the data."

@@ -14,7 +14,7 @@ its id alone.
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -74,10 +74,13 @@ class VocabularyLayout:
         return {name: self.range_of(name) for name in self.modality_sizes}
 
     def modality_ids(self, token_ids: Union[np.ndarray, List[int]]) -> np.ndarray:
-        """Modality id of every token (sentinels and text: 0)."""
+        """Modality id of every token (sentinels and text: 0); ValueError for ids outside the
+        vocabulary."""
         token_ids = np.asarray(token_ids)
         if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids outside [0, {self.vocab_size}) for this vocabulary.")
+            bad = token_ids[(token_ids < 0) | (token_ids >= self.vocab_size)]
+            raise ValueError(f"token id {int(bad.flat[0])} is outside [0, {self.vocab_size}) of this "
+                             "vocabulary.")
         ids = np.zeros(token_ids.shape, dtype=np.int8)
         for index, name in enumerate(self.modalities[1:], start=1):
             start, end = self.range_of(name)
@@ -96,10 +99,49 @@ class VocabularyLayout:
                           for name in self.modality_sizes},
         }
 
-    def save(self, path: Union[str, Path]):
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+    def save(self, path: Union[str, Path], files: Optional[Dict[str, dict]] = None):
+        """Writes the layout; ``files``: size and checksum of each file of the dataset it belongs
+        with (``dataset.file_records``), checked when the dataset is opened."""
+        data = self.to_json()
+        if files is not None:
+            data["files"] = files
+        Path(path).write_text(json.dumps(data, indent=2))
+
+    @staticmethod
+    def _read(path: Union[str, Path]) -> dict:
+        try:
+            data = json.loads(Path(path).read_text())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not a vocabulary file (not UTF-8: {e.reason}); run "
+                             "moma-preprocess again") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); it is damaged "
+                             "or cut short: run moma-preprocess again") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a {type(data).__name__}, not a vocabulary object")
+        return data
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "VocabularyLayout":
-        data = json.loads(Path(path).read_text())
-        return cls(text_size=data["text_size"], modality_sizes=dict(data["modality_sizes"]))
+        data = cls._read(path)
+        missing = [key for key in ("text_size", "modality_sizes") if key not in data]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete moma_plugin vocabulary "
+                             "file; run moma-preprocess again")
+        try:
+            sizes = {str(k): int(v) for k, v in dict(data["modality_sizes"]).items()}
+            layout = cls(text_size=int(data["text_size"]), modality_sizes=sizes)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: invalid vocabulary ({e}); run moma-preprocess again") from None
+        if "vocab_size" in data and data["vocab_size"] != layout.vocab_size:
+            raise ValueError(f"{path} says vocab_size {data['vocab_size']} but its sizes add up to "
+                             f"{layout.vocab_size}; run moma-preprocess again")
+        return layout
+
+    @classmethod
+    def load_files(cls, path: Union[str, Path]) -> Dict[str, dict]:
+        """The ``files`` a vocabulary JSON records ({} for files written without them)."""
+        files = cls._read(path).get("files", {})
+        if not isinstance(files, dict):
+            raise ValueError(f"{path}: 'files' must map file names to sizes and checksums")
+        return files

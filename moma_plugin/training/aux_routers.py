@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -30,14 +30,11 @@ from ..aux_router import (
     pop_aux_loss,
     set_aux_router_training,
 )
-from ..data.sampler import BalancedSampler, target_shares_from_experts
+from ..cli import HelpFormatter, UsageError, run_tool
+from ..storage import atomic_write_text
 from . import checkpointing
-from .from_checkpoint import (
-    args_from_checkpoint,
-    build_from_checkpoint,
-    load_checkpoint_state,
-)
-from .metrics_log import MetricsWriter
+from .from_checkpoint import args_from_checkpoint, build_from_checkpoint, checkpoint_args, load_state
+from .initialize import build_sampler, load_datasets, seed_everything, setup_parallel
 from .loop import (
     allreduce_gradients,
     clip_gradients,
@@ -45,37 +42,40 @@ from .loop import (
     evaluate,
     forward_loss,
     held_out_batches,
-    load_datasets,
-    seed_everything,
-    setup_parallel,
+    lock_directories,
     to_device,
 )
+from .metrics_log import MetricsWriter
 
 TOOL = "moma-train-aux-routers"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=TOOL, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=TOOL, formatter_class=HelpFormatter,
         description="Train the auxiliary routers of a pretrained MoMa checkpoint (the model frozen), "
                     "so that it can route causally (moma-generate, causal evaluation).")
     parser.add_argument("--load", required=True, help="moma-pretrain checkpoint directory")
     parser.add_argument("--save", required=True, help="where to write the checkpoint with trained routers")
-    parser.add_argument("--train-iters", type=int, default=300)
+    parser.add_argument("--train-iters", type=int, default=300, help="aux-router training steps")
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="peak learning rate (the paper: 1e-4 over a few thousand steps)")
-    parser.add_argument("--min-lr", type=float, default=None, help="default: 1%% of --lr")
-    parser.add_argument("--lr-warmup-iters", type=int, default=None, help="default: 10%% of iterations")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the checkpoint's")
-    parser.add_argument("--clip-grad", type=float, default=1.0)
+    parser.add_argument("--min-lr", type=float, default=None,
+                        help="learning rate at the end; default: 1%% of --lr")
+    parser.add_argument("--lr-warmup-iters", type=int, default=None,
+                        help="linear warm-up; default: 10%% of --train-iters")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="samples per rank per step; default: the checkpoint's")
+    parser.add_argument("--clip-grad", type=float, default=1.0,
+                        help="max gradient norm of the aux routers (0: off)")
     parser.add_argument("--aux-threshold", type=float, default=None,
                         help="decision threshold on aux scores (default: the checkpoint's, 0.5)")
     parser.add_argument("--data-path", nargs="*", default=None,
                         help="dataset (default: the one the checkpoint was trained on)")
     parser.add_argument("--eval-iters", type=int, default=None,
                         help="held-out micro-batches for the final report (default: all)")
-    parser.add_argument("--log-interval", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--log-interval", type=int, default=25, help="iterations per log line")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the sampler")
     return parser
 
 
@@ -85,6 +85,17 @@ def _check(args, parser):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.min_lr is not None and not (math.isfinite(args.min_lr) and 0 <= args.min_lr <= args.lr):
+        parser.error(f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
+    if args.lr_warmup_iters is not None and not 0 <= args.lr_warmup_iters < args.train_iters:
+        parser.error(f"--lr-warmup-iters {args.lr_warmup_iters} must lie in [0, --train-iters "
+                     f"{args.train_iters})")
+    if not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
+        parser.error(f"--clip-grad must be a finite number >= 0, got {args.clip_grad}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2**32), got {args.seed}")
+    if args.eval_iters is not None and args.eval_iters < 1:
+        parser.error("--eval-iters must be at least 1")
     if args.aux_threshold is not None and not 0 < args.aux_threshold < 1:
         parser.error(f"--aux-threshold must lie in (0, 1), got {args.aux_threshold}")
     if args.micro_batch_size is not None and args.micro_batch_size < 1:
@@ -128,29 +139,33 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser = build_parser()
     options = parser.parse_args(argv)
     _check(options, parser)
-    state = load_checkpoint_state(options.load, TOOL)
-    args = args_from_checkpoint(state["args"], micro_batch_size=options.micro_batch_size,
+    _, saved_args = checkpoint_args(options.load)
+    args = args_from_checkpoint(saved_args, micro_batch_size=options.micro_batch_size,
                                 data_path=options.data_path, moma_aux_threshold=options.aux_threshold,
                                 eval_iters=options.eval_iters, aux_router_joint=False)
     parallel = setup_parallel(args)
-    if parallel.tp_rank != 0:  # every TP rank reads its own shard
-        state = load_checkpoint_state(options.load, TOOL, parallel.tp_rank)
+    with ExitStack() as stack:
+        lock_directories(stack, [options.save], parallel, TOOL)
+        return _train(options, args, parallel)
+
+
+def _train(options, args, parallel) -> Dict[str, object]:
+    state = load_state(options.load, parallel).state  # every TP rank reads its own shard
     seed_everything(options.seed)
     # Before the model: the vocabulary beside the data must exist (the bundled corpus built once).
-    train_set, valid_set = load_datasets(args, parallel, TOOL)
-    model, config, layout = build_from_checkpoint(state, args, parallel, TOOL)
+    train_set, valid_set = load_datasets(args, parallel)
+    model, config, layout = build_from_checkpoint(state, args, parallel)
     routers = aux_router_parameters(model)
     if not routers:
-        raise SystemExit(f"{TOOL}: error: this model (experts {args.moma_experts}, no MoD layers) has "
-                         "no routing to predict: a dense model generates causally as it is")
+        raise UsageError(f"this model (experts {args.moma_experts}, no MoD layers) has no routing to "
+                         "predict: a dense model generates causally as it is")
     for p in model.parameters():
         p.requires_grad_(False)
     set_aux_router_training(model, True)  # the aux routers (only) require gradients again
 
-    counts = train_set.modality_counts()
-    sampler = BalancedSampler(counts, args.micro_batch_size, parallel.dp,
-                              target_shares_from_experts(args.moma_experts, layout.modalities),
-                              tolerance=args.balance_tolerance, seed=options.seed, strict=False)
+    held_out_batches(valid_set, args, parallel)  # too small for the final report: say so now
+    sampler, _, _ = build_sampler(train_set, args, parallel, layout, seed=options.seed,
+                                  announce=lambda m: print(m, flush=True))
     optimizer = torch.optim.AdamW(routers, lr=options.lr, weight_decay=0.0)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -220,7 +235,7 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
     saved = checkpointing.save_checkpoint(options.save, state["iteration"], state, parallel.tp_rank,
                                           writes=parallel.dp_rank == 0)
     if first:
-        Path(options.save, "aux_routers.json").write_text(json.dumps(report, indent=1))
+        atomic_write_text(Path(options.save, "aux_routers.json"), json.dumps(report, indent=1))
         print("held-out aux-router accuracy against expert choice (P precision, R recall):")
         for line in per_layer_table(held_out, layout.modalities):
             print("  " + line)
@@ -235,11 +250,15 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
     return report
 
 
-def main(argv: Optional[List[str]] = None):
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    train_aux_routers(argv)
+def _main(argv):
+    report = train_aux_routers(argv)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    return report
+
+
+def main(argv: Optional[List[str]] = None):
+    run_tool(TOOL, _main, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

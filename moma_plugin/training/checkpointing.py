@@ -1,7 +1,9 @@
-"""Checkpoints in Megatron-LM's layout, with everything an exact resume needs.
+"""Checkpoints in Megatron-LM's layout, with everything an exact resume needs, that are never lost
+or silently corrupted.
 
     <save>/latest_checkpointed_iteration.txt          the newest complete iteration, e.g. "100"
     <save>/iter_0000100/mp_rank_00/model_optim_rng.pt one file per tensor-parallel rank
+    <save>/iter_0000100/manifest.json                 size and SHA-256 of every file, the run's flags
 
 This is Megatron-LM's ``--ckpt-format torch`` layout and key names (``model``, ``optimizer``,
 ``opt_param_scheduler``, ``rng_state``, ``iteration``, ``args``, ``checkpoint_version``,
@@ -10,22 +12,36 @@ time). It is written with ``torch.save`` per rank rather than megatron-core's ``
 the optimizer here is a plain torch one without Megatron's sharded state dicts, and
 ``dist_checkpointing.save`` stalled in two-process gloo runs on CPU.
 
-Nothing is lost on a crash: a checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed once every
-rank has finished; the tracker file is replaced atomically afterwards, so it always names a complete
-checkpoint.
+Guarantees (each tested in tests/test_checkpoint_safety.py by breaking it):
+- Publishing: every rank writes and fsyncs its file under ``iter_X.tmp``; rank 0 adds the manifest and
+  renames the directory into place (an existing ``iter_X`` is swapped atomically, see
+  ``storage.replace_dir``), then replaces the tracker atomically. A kill at any moment leaves the tracker
+  naming a complete checkpoint. A failed write (a full disk) on any rank publishes nothing, on every rank.
+- Loading verifies each rank's file against the manifest; a damaged or incomplete newest checkpoint is
+  reported by file and the newest intact one is taken instead, with a warning. A missing or garbled
+  tracker is rebuilt from the newest complete, verified checkpoint (``find_checkpoint``).
 """
 
+import json
 import os
 import random
+import re
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .. import storage
+from ..cli import UsageError
+
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+_ITERATION_DIR = re.compile(r"iter_(\d{7})")
 # Arguments that must match between a checkpoint and the run that loads it: they shape the model.
 ARCHITECTURE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -33,30 +49,356 @@ ARCHITECTURE_ARGS = (
     "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "moma_post_norm",
     "mod_interval", "mod_start_layer",
 )
+# Arguments that must match for the data position (the sampler's state) to mean the same samples.
+DATA_ARGS = ("seq_length", "max_position_embeddings", "data_path", "valid_fraction", "seed")
 # Defaults of architecture arguments added after a checkpoint was written (older checkpoints lack them).
 ARCHITECTURE_DEFAULTS = {"mod_interval": 0, "mod_start_layer": 0}
 
 
-def iteration_dir(save: str, iteration: int) -> Path:
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used as asked; the message names the file and what to do."""
+
+
+def iteration_dir(save, iteration: int) -> Path:
     return Path(save) / f"iter_{iteration:07d}"
 
 
 def rank_file(directory: Path, tp_rank: int) -> Path:
-    return directory / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
+    return Path(directory) / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
 
 
-def read_tracker(load: str) -> Optional[int]:
-    """The iteration named by ``latest_checkpointed_iteration.txt``, or None without one."""
+def read_tracker(load) -> Optional[int]:
+    """The iteration named by ``latest_checkpointed_iteration.txt``, or None without one. Raises
+    CheckpointError when the file holds something else (empty, garbage)."""
     tracker = Path(load) / TRACKER
     if not tracker.exists():
         return None
-    text = tracker.read_text().strip()
+    try:
+        text = tracker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{tracker} cannot be read ({e})") from None
     if not text.isdigit():
-        raise ValueError(f"{tracker} holds {text!r}, not an iteration number; point --load at a "
-                         "Megatron checkpoint directory or delete the file.")
+        raise CheckpointError(f"{tracker} holds {text[:40]!r}, not an iteration number")
     return int(text)
 
 
+def write_tracker(save, iteration: int):
+    storage.atomic_write_text(Path(save) / TRACKER, str(iteration))
+
+
+def saved_iterations(save) -> List[int]:
+    """Iterations of the ``iter_XXXXXXX`` directories under ``save`` (complete or not), ascending."""
+    save = Path(save)
+    if not save.is_dir():
+        return []
+    found = []
+    for entry in save.iterdir():
+        match = _ITERATION_DIR.fullmatch(entry.name)
+        if match and entry.is_dir():
+            found.append(int(match.group(1)))
+        elif entry.name.endswith(storage.REPLACED_SUFFIX):  # a publish interrupted between renames
+            base = entry.name[: -len(storage.REPLACED_SUFFIX)]
+            if _ITERATION_DIR.fullmatch(base) and storage.recover_replaced(save / base):
+                found.append(int(base[5:]))
+    return sorted(set(found))
+
+
+def read_manifest(directory: Path) -> Optional[Dict[str, Any]]:
+    """The manifest of a checkpoint directory; None for checkpoints written before manifests."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged ({e})") from None
+
+
+def incomplete_reason(directory: Path) -> Optional[str]:
+    """Why the checkpoint in ``directory`` is incomplete (a file missing or of the wrong size), or
+    None when every file the manifest lists is there. Cheap: no file is read."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return f"{directory} is missing"
+    try:
+        manifest = read_manifest(directory)
+    except CheckpointError as e:
+        return str(e)
+    if manifest is None:  # older checkpoints: rank 0's file must be there at least
+        return None if rank_file(directory, 0).exists() else f"{rank_file(directory, 0)} is missing"
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.exists():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return (f"{path} has {path.stat().st_size:,} bytes, the manifest says "
+                    f"{entry['bytes']:,} (truncated)")
+    return None
+
+
+def damage_reason(directory: Path, tp_rank: int) -> Optional[str]:
+    """Why this TP rank's file of the checkpoint does not match its manifest checksum, or None."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    path = rank_file(directory, tp_rank)
+    if not path.exists():
+        return f"{path} is missing"
+    if manifest is None:
+        return None
+    entry = manifest["files"].get(str(path.relative_to(directory)))
+    if entry is None:
+        return f"{path} is not listed in {directory / MANIFEST}"
+    if path.stat().st_size != entry["bytes"]:
+        return f"{path} has {path.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
+    if storage.sha256_file(path) != entry["sha256"]:
+        return f"{path} does not match its SHA-256 in {directory / MANIFEST} (damaged on disk)"
+    return None
+
+
+# -- collectives that also work without a process group ------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _gather(value) -> list:
+    if not _distributed():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _from_rank0(value):
+    if not _distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- saving -------------------------------------------------------------------------------------------
+def _write_rank_file(state: Dict[str, Any], path: Path) -> Tuple[str, int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object: torch then reports a full disk as the OSError it is
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return str(path.relative_to(path.parent.parent)), path.stat().st_size, storage.sha256_file(path)
+
+
+def _failure(what: str, path: Path, error: BaseException) -> str:
+    if storage.is_disk_full(error):
+        return f"{storage.disk_full_message(path)} while writing {path}"
+    return f"could not write {path} ({type(error).__name__}: {error}) while {what}"
+
+
+def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, writes: bool,
+                    summary: Optional[Dict[str, Any]] = None, keep_last: Optional[int] = None) -> Path:
+    """Writes this rank's ``state`` (if ``writes``: the first data-parallel rank of each TP rank) and
+    publishes the checkpoint with its manifest (``summary``: extra fields for it, e.g. the loss).
+    Every rank must call it. Raises CheckpointError on every rank when any rank's write failed; the
+    previous checkpoints and the tracker are then untouched. ``keep_last``: delete all but the newest
+    that many checkpoints afterwards."""
+    final = iteration_dir(save, iteration)
+    staging = final.with_name(final.name + ".tmp")
+    error = None
+    if _rank() == 0:
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        except OSError as e:
+            error = _failure(f"saving iteration {iteration}", staging, e)
+    error = _from_rank0(error)
+    if error is None:
+        record = None
+        if writes:
+            try:
+                record = _write_rank_file(state, rank_file(staging, tp_rank))
+            except Exception as e:  # torch raises RuntimeError with the OSError as its context
+                record = _failure(f"saving iteration {iteration}", rank_file(staging, tp_rank), e)
+        records = _gather(record)
+        errors = [r for r in records if isinstance(r, str)]
+        error = errors[0] if errors else None
+        if error is None and _rank() == 0:
+            try:
+                _publish(save, iteration, staging, [r for r in records if r], state, summary)
+                if keep_last:
+                    prune(save, keep_last)
+            except OSError as e:
+                error = _failure(f"publishing iteration {iteration}", final, e)
+        error = _from_rank0(error)
+    if error is not None:
+        if _rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            newest = read_tracker(save)
+        except CheckpointError:
+            newest = None
+        kept = f"the newest complete checkpoint (iteration {newest}) is untouched" if newest is not None \
+            else "no earlier checkpoint exists"
+        raise CheckpointError(f"{error}. Iteration {iteration} was not saved; {kept}. Free space (or "
+                              "keep fewer checkpoints with --keep-last N) and run the same command again.")
+    return final
+
+
+def _publish(save, iteration: int, staging: Path, records, state, summary):
+    files = {name: {"bytes": size, "sha256": digest} for name, size, digest in sorted(records)}
+    manifest = {"format": "moma_plugin checkpoint", "iteration": iteration, "files": files,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": state.get("args", {}),
+                **(summary or {})}
+    with open(staging / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    storage.replace_dir(staging, iteration_dir(save, iteration))
+    write_tracker(save, iteration)
+
+
+def prune(save, keep_last: int) -> List[int]:
+    """Deletes all but the newest ``keep_last`` complete checkpoints (never the tracked one); returns
+    the iterations deleted."""
+    tracked = read_tracker(save)
+    complete = [i for i in saved_iterations(save) if incomplete_reason(iteration_dir(save, i)) is None]
+    doomed = [i for i in complete[:-keep_last] if i != tracked] if keep_last > 0 else []
+    for iteration in doomed:
+        storage.remove_dir(iteration_dir(save, iteration))
+    return doomed
+
+
+# -- loading ------------------------------------------------------------------------------------------
+@dataclass
+class Found:
+    """A checkpoint chosen for loading, this rank's state, and what the user must be told."""
+
+    iteration: int
+    directory: Path
+    state: Dict[str, Any]
+    notes: List[str] = field(default_factory=list)
+    tracker_stale: bool = False  # the tracker is missing, garbled or names a damaged checkpoint
+
+
+def _load_rank_state(directory: Path, tp_rank: int) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    reason = damage_reason(directory, tp_rank)
+    if reason is not None:
+        return None, reason
+    path = rank_file(directory, tp_rank)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, ...: every kind of damage
+        return None, f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+    if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION \
+            or "moma" not in state:
+        version = state.get("checkpoint_version") if isinstance(state, dict) else None
+        return None, (f"{path} is not a moma-pretrain checkpoint (version {version}); it cannot be "
+                      "resumed exactly")
+    return state, None
+
+
+def _missing_rank_reason(directory: Path, tp_rank: int, tp_size: Optional[int]) -> str:
+    ranks = sorted(p.name for p in Path(directory).glob("mp_rank_*"))
+    if ranks and tp_size is not None and len(ranks) != tp_size:
+        return (f"{rank_file(directory, tp_rank)} is missing: the checkpoint holds {len(ranks)} "
+                f"tensor-parallel shard(s) ({', '.join(ranks)}) and this run uses "
+                f"--tensor-model-parallel-size {tp_size}; use the size it was saved with")
+    return f"{rank_file(directory, tp_rank)} is missing"
+
+
+def find_checkpoint(load, tp_rank: int, iteration: Optional[int] = None,
+                    tp_size: Optional[int] = None) -> Found:
+    """The checkpoint to resume from ``load``, loaded and verified on every rank (a collective when a
+    process group exists): ``iteration`` if given (``--ckpt-step``), else the tracker's; if that one
+    is damaged or the tracker is missing or garbled, the newest intact checkpoint, with notes."""
+    load = Path(load)
+    notes: List[str] = []
+    stale = False
+    existing = saved_iterations(load)
+    if iteration is not None:
+        candidates = [iteration]
+    else:
+        try:
+            tracked = read_tracker(load)
+        except CheckpointError as e:
+            tracked, stale = None, True
+            notes.append(f"{e}")
+        if tracked is None and not stale and not existing:
+            raise CheckpointError(
+                f"--load {load}: no {TRACKER} and no iter_* checkpoint there; point --load at a "
+                "directory a previous run saved into (its --save), or drop --load to start from scratch")
+        if tracked is None and not stale:
+            stale = True
+            notes.append(f"{load / TRACKER} is missing")
+        newer = [i for i in existing if tracked is not None and i > tracked]
+        if newer:
+            notes.append(f"{load} holds iteration(s) {newer} newer than the tracker's {tracked} (a run "
+                         "stopped between saving and updating the tracker, or a deliberate rollback); "
+                         f"resuming from {tracked} as the tracker says, and later saves replace those")
+        older = sorted((i for i in existing if tracked is None or i < tracked), reverse=True)
+        candidates = ([tracked] if tracked is not None else []) + older
+    failures: List[str] = []
+    for candidate in candidates:
+        directory = iteration_dir(load, candidate)
+        reason = incomplete_reason(directory)
+        state = None
+        if reason is None:
+            if not rank_file(directory, tp_rank).exists():
+                reason = _missing_rank_reason(directory, tp_rank, tp_size)
+            else:
+                state, reason = _load_rank_state(directory, tp_rank)
+        reasons = [r for r in _gather(reason) if r is not None]
+        if not reasons:
+            if failures:
+                stale = True
+                notes.append(f"the newest checkpoint could not be used ({'; '.join(failures)}); "
+                             f"taking the newest intact one instead: iteration {candidate}")
+            if read_manifest(directory) is None:
+                notes.append(f"{directory} was written before checkpoints had manifests: not verified")
+            return Found(candidate, directory, state, notes, stale)
+        failures.append(reasons[0])
+        if iteration is not None:
+            raise CheckpointError(f"--ckpt-step {iteration}: {reasons[0]}")
+    listed = "; ".join(failures + notes) if failures or notes else "none found"
+    raise CheckpointError(
+        f"--load {load}: no complete, intact checkpoint there ({listed}). Move the damaged "
+        "directories away and resume from another --load, or give a new --save to start afresh")
+
+
+def load_checkpoint(load, tp_rank: int = 0, iteration: Optional[int] = None) -> Dict[str, Any]:
+    """This TP rank's verified state of the checkpoint ``find_checkpoint`` picks."""
+    return find_checkpoint(load, tp_rank, iteration).state
+
+
+def read_checkpoint_args(load, iteration: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
+    """(iteration, the run's flags) of the checkpoint ``find_checkpoint`` would pick, read from its
+    manifest without loading any weights (the tools after pretraining need the flags before they can
+    set up tensor parallelism). Checkpoints without a manifest: from rank 0's file."""
+    found_iteration = iteration
+    if found_iteration is None:
+        try:
+            found_iteration = read_tracker(load)
+        except CheckpointError:
+            found_iteration = None
+        complete = [i for i in saved_iterations(load) if incomplete_reason(iteration_dir(load, i)) is None]
+        if found_iteration is None or found_iteration not in complete:
+            if not complete:
+                raise CheckpointError(f"--load {load}: no complete checkpoint there (no {TRACKER} or "
+                                      "iter_* directory with its files); point --load at a --save "
+                                      "directory of moma-pretrain")
+            found_iteration = found_iteration if found_iteration in complete else complete[-1]
+    directory = iteration_dir(load, found_iteration)
+    manifest = read_manifest(directory) if directory.exists() else None
+    if manifest is not None:
+        return found_iteration, manifest["args"]
+    state, reason = _load_rank_state(directory, 0) if directory.exists() else (None, f"{directory} is missing")
+    if state is None:
+        raise CheckpointError(f"--load {load}: {reason}")
+    return found_iteration, state["args"]
+
+
+# -- random state and compatibility -----------------------------------------------------------------
 def rng_state() -> Dict[str, Any]:
     state = {
         "random_rng_state": random.getstate(),
@@ -76,71 +418,31 @@ def set_rng_state(state: Dict[str, Any]):
         torch.cuda.set_rng_state(state["cuda_rng_state"])
 
 
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def save_checkpoint(save: str, iteration: int, state: Dict[str, Any], tp_rank: int,
-                    writes: bool) -> Path:
-    """Writes this rank's ``state`` (if ``writes``: the first data-parallel rank of each TP rank)
-    and publishes the checkpoint. Every rank must call it."""
-    final = iteration_dir(save, iteration)
-    staging = final.with_name(final.name + ".tmp")
-    first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if first:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    _barrier()
-    if writes:
-        path = rank_file(staging, tp_rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
-    _barrier()
-    if first:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        tracker = Path(save) / TRACKER
-        tmp = tracker.with_name(TRACKER + ".tmp")
-        tmp.write_text(str(iteration))
-        os.replace(tmp, tracker)
-    _barrier()
-    return final
-
-
-def load_checkpoint(load: str, tp_rank: int, iteration: Optional[int] = None) -> Dict[str, Any]:
-    """This TP rank's state from the newest (or the given) iteration under ``load``."""
-    if iteration is None:
-        iteration = read_tracker(load)
-        if iteration is None:
-            raise FileNotFoundError(
-                f"--load {load}: no {TRACKER} there; point --load at a directory a previous run "
-                "saved into (its --save), or drop --load to start from scratch.")
-    path = rank_file(iteration_dir(load, iteration), tp_rank)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"--load {load}: the tracker names iteration {iteration} but {path} is missing (was the "
-            "checkpoint saved with a different --tensor-model-parallel-size?).")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("checkpoint_version") != CHECKPOINT_VERSION or "moma" not in state:
-        raise ValueError(f"{path} is not a moma-pretrain checkpoint (version "
-                         f"{state.get('checkpoint_version')}); it cannot be resumed exactly.")
-    return state
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_compatible(saved_args: Dict[str, Any], args) -> None:
-    """Raises if the checkpoint's model shape differs from this run's flags."""
-    differing = [
-        f"--{name.replace('_', '-')}: checkpoint "
-        f"{saved_args.get(name, ARCHITECTURE_DEFAULTS.get(name))!r}, now {getattr(args, name)!r}"
-        for name in ARCHITECTURE_ARGS
-        if _normalize(saved_args.get(name, ARCHITECTURE_DEFAULTS.get(name)))
-        != _normalize(getattr(args, name, None))
-    ]
-    if differing:
-        raise ValueError("the checkpoint was trained with a different model; use the same flags "
-                         "(or a new --save directory):\n  " + "\n  ".join(differing))
+    """Raises CheckpointError when the checkpoint's model shape or data differ from this run's flags
+    (each differing flag named)."""
+
+    def differing(names):
+        out = []
+        for name in names:
+            saved = saved_args.get(name, ARCHITECTURE_DEFAULTS.get(name))
+            if _normalize(saved) != _normalize(getattr(args, name, None)):
+                out.append(f"{_flag(name)}: checkpoint {saved!r}, now {getattr(args, name, None)!r}")
+        return out
+
+    model = differing(ARCHITECTURE_ARGS)
+    if model:
+        raise CheckpointError("the checkpoint was trained with a different model; use the same flags "
+                              "(or a new --save directory):\n  " + "\n  ".join(model))
+    data = differing(name for name in DATA_ARGS if name in saved_args)
+    if data:
+        raise CheckpointError("the checkpoint's data position (its sampler state) belongs to other "
+                              "data or sequences; resume with the same flags (or start a new --save "
+                              "directory):\n  " + "\n  ".join(data))
 
 
 def _normalize(value):
@@ -155,7 +457,7 @@ def load_model_state(model: torch.nn.Module, state_dict: Dict[str, Any]) -> List
     aux_missing = [k for k in result.missing_keys if "aux_router" in k]
     other_missing = [k for k in result.missing_keys if "aux_router" not in k]
     if other_missing or result.unexpected_keys:
-        raise ValueError(
+        raise CheckpointError(
             "the checkpoint's weights do not fit this model: "
             + (f"missing {other_missing[:5]}" if other_missing else "")
             + (f" unexpected {result.unexpected_keys[:5]}" if result.unexpected_keys else "")

@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from ..data.corpus import bundled_dataset_prefix
+from ..cli import UsageError
+from ..data.corpus import BUNDLED, bundled_dataset_prefix
 from ..data.dataset import parse_data_path
 from ..data.vocab import VocabularyLayout
 from . import checkpointing
@@ -16,6 +17,7 @@ def args_from_checkpoint(saved: Dict[str, Any], **overrides) -> argparse.Namespa
     """The run's arguments: today's defaults, overwritten by what the checkpoint recorded, then
     ``overrides`` (None values are ignored)."""
     args = build_parser().parse_args([])
+    args.explicit = {}
     for key, value in saved.items():
         setattr(args, key, tuple(value) if key == "moma_modalities" else value)
     for key, value in overrides.items():
@@ -26,35 +28,40 @@ def args_from_checkpoint(saved: Dict[str, Any], **overrides) -> argparse.Namespa
 
 def data_prefix(args: argparse.Namespace) -> str:
     """The (first) dataset prefix of the run: its vocabulary and tokenizers sit beside it."""
-    if not args.data_path:
-        return bundled_dataset_prefix()
-    return parse_data_path(args.data_path)[0][1]
+    first = parse_data_path(args.data_path)[0][1] if args.data_path else "bundled:interleaved"
+    return bundled_dataset_prefix(first) if first in BUNDLED else first
 
 
-def load_checkpoint_state(load: str, tool: str, tp_rank: int = 0,
-                          iteration: Optional[int] = None) -> Dict[str, Any]:
-    try:
-        return checkpointing.load_checkpoint(load, tp_rank, iteration)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{tool}: error: {e}") from None
+def checkpoint_args(load: str, iteration: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
+    """(iteration, flags) of the checkpoint to use, from its manifest (no weights read)."""
+    return checkpointing.read_checkpoint_args(load, iteration)
 
 
-def build_from_checkpoint(state: Dict[str, Any], args: argparse.Namespace, parallel, tool: str
+def load_state(load: str, parallel, iteration: Optional[int] = None) -> checkpointing.Found:
+    """This rank's verified state of the newest intact checkpoint of ``load`` (notes printed)."""
+    found = checkpointing.find_checkpoint(load, parallel.tp_rank, iteration, parallel.tp)
+    if parallel.is_first:
+        for note in found.notes:
+            print(f"note: {note}", flush=True)
+    return found
+
+
+def build_from_checkpoint(state: Dict[str, Any], args: argparse.Namespace, parallel
                           ) -> Tuple[Any, Any, VocabularyLayout]:
     """(model with the checkpoint's weights, its config, the vocabulary layout)."""
-    from .loop import build_model
+    from .initialize import build_model
 
     prefix = data_prefix(args)
     vocab_file = Path(f"{prefix}.vocab.json")
     if not vocab_file.exists():
-        raise SystemExit(f"{tool}: error: the checkpoint was trained on {prefix}, but {vocab_file} is "
-                         "missing; pass --data-path to the dataset it was trained on")
-    layout = VocabularyLayout.load(vocab_file)
-    model, config = build_model(args, layout, parallel)
+        raise UsageError(f"the checkpoint was trained on {prefix}, but {vocab_file} is missing; pass "
+                         "--data-path to the dataset it was trained on")
     try:
-        missing = checkpointing.load_model_state(model, state["model"])
+        layout = VocabularyLayout.load(vocab_file)
     except ValueError as e:
-        raise SystemExit(f"{tool}: error: {e}") from None
+        raise UsageError(f"{e}") from None
+    model, config = build_model(args, layout, parallel)
+    missing = checkpointing.load_model_state(model, state["model"])
     if missing and parallel.is_first:
         print(f"note: the checkpoint has no auxiliary-router weights ({len(missing)} tensors); they "
               "start untrained", flush=True)

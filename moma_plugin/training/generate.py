@@ -12,17 +12,25 @@ saved as a PNG. Several ``--prompt``s are decoded as one batch.
 
 import argparse
 import json
+import math
 import sys
-import warnings
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from ..cli import HelpFormatter, UsageError, run_tool
 from ..generation import TokenRules, generate
-from .from_checkpoint import args_from_checkpoint, build_from_checkpoint, data_prefix, load_checkpoint_state
-from .loop import seed_everything, setup_parallel
+from .from_checkpoint import (
+    args_from_checkpoint,
+    build_from_checkpoint,
+    checkpoint_args,
+    data_prefix,
+    load_state,
+)
+from .initialize import seed_everything, setup_parallel
 
 TOOL = "moma-generate"
 IMAGE_MARKER = "<image>"
@@ -31,16 +39,16 @@ DEFAULT_PROMPTS = ["Here is a handwritten seven.", "First a three:" + IMAGE_MARK
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=TOOL, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=TOOL, formatter_class=HelpFormatter,
         description="Generate text and images from a MoMa checkpoint with causal routing.")
     parser.add_argument("--load", required=True, help="checkpoint directory with trained aux routers")
     parser.add_argument("--prompt", action="append", default=None,
                         help=f"a prompt (repeat for a batch); end it with {IMAGE_MARKER} to start an "
                              f"image (default: {DEFAULT_PROMPTS})")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the sampling")
     parser.add_argument("--aux-threshold", type=float, default=None,
                         help="causal routing threshold on aux scores (default: the checkpoint's)")
     parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
@@ -48,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-kv-cache", action="store_true",
                         help="run with and without the KV cache; report both speeds and whether the "
                              "tokens agree")
-    parser.add_argument("--output-dir", default="generations", help="PNGs and generations.json")
+    parser.add_argument("--output-dir", default="generations",
+                        help="each run writes its PNGs and generations.json into a new subdirectory "
+                             "<output-dir>/<date-time> of it")
+    parser.add_argument("--png-size", type=int, default=256,
+                        help="generated images are enlarged to this many pixels a side (nearest "
+                             "neighbour: each code's pixels stay visible)")
     parser.add_argument("--data-path", nargs="*", default=None,
                         help="dataset whose tokenizers to use (default: the checkpoint's)")
     return parser
@@ -63,28 +76,36 @@ def load_tokenizers(prefix: str, layout):
     text = load_text_tokenizer(text_dir) if text_dir.exists() else ByteTokenizer()
     image_dir = directory / "image"
     if not image_dir.exists():
-        raise SystemExit(f"{TOOL}: error: no image tokenizer at {image_dir}; pass --data-path to the "
-                         "dataset the checkpoint was trained on")
+        raise UsageError(f"no image tokenizer at {image_dir}; pass --data-path to the dataset the "
+                         "checkpoint was trained on")
     return text, load_image_tokenizer(image_dir)
 
 
 def encode_prompt(prompt: str, text_tokenizer, layout) -> List[int]:
     text, marker, rest = prompt.partition(IMAGE_MARKER)
     if rest.strip() or prompt.count(IMAGE_MARKER) > 1:
-        raise SystemExit(f"{TOOL}: error: prompt {prompt!r}: {IMAGE_MARKER} may only end a prompt "
-                         "(generation then starts the image)")
+        raise UsageError(f"prompt {prompt!r}: {IMAGE_MARKER} may only end a prompt (generation then "
+                         "starts the image)")
     ids = list(text_tokenizer.encode(text)) if text else []
     if marker:
         ids.append(layout.begin_id("image"))
     if not ids:
-        raise SystemExit(f"{TOOL}: error: prompt {prompt!r} encodes to no tokens")
+        raise UsageError(f"prompt {prompt!r} encodes to no tokens")
     return ids
 
 
-def render(sequence: List[int], text_tokenizer, image_tokenizer, layout, stem: Path) -> Dict:
-    """Text with ``[image N: path]`` placeholders; finished images saved as ``<stem>_N.png``."""
+def save_png(pixels: np.ndarray, path: Path, size: int):
+    """Writes an [h, w, 3] uint8 image enlarged by nearest neighbour to about ``size`` pixels a side."""
     from PIL import Image
 
+    scale = max(1, size // max(pixels.shape[:2]))
+    Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale),
+                                   Image.NEAREST).save(path)
+
+
+def render(sequence: List[int], text_tokenizer, image_tokenizer, layout, stem: Path,
+           png_size: int = 256) -> Dict:
+    """Text with ``[image N: path]`` placeholders; finished images saved as ``<stem>_N.png``."""
     begin, end, eod = layout.begin_id("image"), layout.end_id("image"), layout.eod_id
     start = layout.range_of("image")[0]
     pieces, images, text_run, position = [], [], [], 0
@@ -102,7 +123,7 @@ def render(sequence: List[int], text_tokenizer, image_tokenizer, layout, stem: P
             codes = np.asarray(sequence[position + 1:close]) - start
             if len(codes) == image_tokenizer.tokens_per_image():
                 path = stem.parent / f"{stem.name}_{len(images)}.png"
-                Image.fromarray(image_tokenizer.decode(codes)).save(path)
+                save_png(image_tokenizer.decode(codes), path, png_size)
                 images.append(str(path))
                 pieces.append(f"[image {len(images) - 1}: {path}]")
             else:
@@ -122,23 +143,50 @@ def render(sequence: List[int], text_tokenizer, image_tokenizer, layout, stem: P
     return {"text": " ".join(p.strip() for p in pieces if p.strip()), "images": images}
 
 
+def _check(options, parser):
+    if options.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if not (math.isfinite(options.temperature) and options.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {options.temperature}")
+    if options.top_k < 0:
+        parser.error(f"--top-k must be >= 0 (0: all tokens), got {options.top_k}")
+    if options.aux_threshold is not None and not 0 < options.aux_threshold < 1:
+        parser.error(f"--aux-threshold must lie in (0, 1), got {options.aux_threshold}")
+    if not 0 <= options.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2**32), got {options.seed}")
+    if options.png_size < 1:
+        parser.error(f"--png-size must be at least 1, got {options.png_size}")
+
+
+def new_output_dir(root: Path) -> Path:
+    """A fresh ``<root>/<date-time>[-N]`` directory: nothing of an earlier run is overwritten."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        path = root / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot create a new output directory under {root}")
+
+
 def run(argv: Optional[List[str]] = None) -> Dict:
     parser = build_parser()
     options = parser.parse_args(argv)
-    if options.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be at least 1")
-    state = load_checkpoint_state(options.load, TOOL)
-    args = args_from_checkpoint(state["args"], data_path=options.data_path,
+    _check(options, parser)
+    _, saved_args = checkpoint_args(options.load)
+    if saved_args.get("tensor_model_parallel_size", 1) != 1:
+        raise UsageError(f"the checkpoint is split for tensor parallelism "
+                         f"{saved_args['tensor_model_parallel_size']}; generation needs a TP-1 model")
+    args = args_from_checkpoint(saved_args, data_path=options.data_path,
                                 moma_aux_threshold=options.aux_threshold, tensor_model_parallel_size=1)
     parallel = setup_parallel(args)
     if parallel.world != 1:
-        raise SystemExit(f"{TOOL}: error: generation runs in one process (TP 1); launch it without "
-                         "torchrun")
-    if state["args"].get("tensor_model_parallel_size", 1) != 1:
-        raise SystemExit(f"{TOOL}: error: the checkpoint is split for tensor parallelism "
-                         f"{state['args']['tensor_model_parallel_size']}; generation needs a TP-1 model")
+        raise UsageError("generation runs in one process (TP 1); launch it without torchrun")
+    state = load_state(options.load, parallel).state
     seed_everything(options.seed)
-    model, config, layout = build_from_checkpoint(state, args, parallel, TOOL)
+    model, config, layout = build_from_checkpoint(state, args, parallel)
     text_tokenizer, image_tokenizer = load_tokenizers(data_prefix(args), layout)
     rules = TokenRules.from_vocabulary(layout, image_tokenizer.tokens_per_image())
     prompts = options.prompt or DEFAULT_PROMPTS
@@ -150,7 +198,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                             options.top_k, use_kv_cache=use_cache, seed=options.seed,
                             aux_threshold=options.aux_threshold)
         except (RuntimeError, ValueError) as e:
-            raise SystemExit(f"{TOOL}: error: {e}") from None
+            raise UsageError(f"{e}") from None
 
     result = once(options.kv_cache)
     speeds = {("kv_cache" if options.kv_cache else "recompute"): result.tokens_per_s}
@@ -159,11 +207,11 @@ def run(argv: Optional[List[str]] = None) -> Dict:
         other = once(not options.kv_cache)
         speeds["recompute" if options.kv_cache else "kv_cache"] = other.tokens_per_s
         agree = other.tokens == result.tokens
-    output = Path(options.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    output = new_output_dir(Path(options.output_dir))
     outputs = []
     for index, (prompt, ids, new) in enumerate(zip(prompts, prompt_ids, result.tokens)):
-        rendered = render(ids + new, text_tokenizer, image_tokenizer, layout, output / f"sample{index}")
+        rendered = render(ids + new, text_tokenizer, image_tokenizer, layout, output / f"sample{index}",
+                          options.png_size)
         outputs.append(dict(prompt=prompt, new_tokens=new, stopped=result.stopped[index], **rendered))
         print(f"--- prompt {index}: {prompt!r} ({len(new)} new tokens, stopped by {result.stopped[index]})"
               f"\n{rendered['text']}", flush=True)
@@ -177,11 +225,15 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     return summary
 
 
-def main(argv: Optional[List[str]] = None):
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    run(argv)
+def _main(argv):
+    summary = run(argv)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    return summary
+
+
+def main(argv: Optional[List[str]] = None):
+    run_tool(TOOL, _main, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,20 @@ Megatron's do for pipeline size 1: loss averaged over every unmasked token of th
 summed over data-parallel ranks, one global gradient norm over all shards.
 
 Per-modality losses: a token's loss counts for the modality of the token being predicted (its label).
+
+A run (``PretrainJob``): lock the run and checkpoint directories, build everything and check what can be
+checked before the first step (data, held-out split, sampler bound, flags against a checkpoint), resume,
+train, then save, evaluate and plot. SIGTERM/SIGINT, a non-finite loss and a full disk end it with a
+checkpoint or a message saying why there is none (docs/TRAINING.md, "Checkpoints and resuming").
 """
 
 import argparse
 import json
 import math
-import os
-import signal
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -27,7 +31,6 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from ..args import moma_config_from_args
 from ..aux_router import (
     aux_owners,
     aux_router_parameters,
@@ -38,185 +41,45 @@ from ..aux_router import (
     set_aux_router_training,
     set_routing_mode,
 )
-from ..data.corpus import bundled_dataset_prefix
-from ..data.dataset import build_datasets
-from ..data.sampler import BalancedSampler, target_shares_from_experts
+from ..cli import UsageError, run_tool
 from ..flops import training_flops_per_token
+from ..launch import report_signal_stop
 from ..metrics import collect_routing_metrics
-from ..model import MoMaGPTModel
-from ..specs import get_moma_layer_spec, transformer_engine_available
-from . import checkpointing
+from . import checkpointing, resume
 from .arguments import args_for_checkpoint, batch_sizes, parse_args
-from .metrics_log import MetricsWriter
+from .initialize import (
+    Parallel,
+    any_rank,
+    build_model,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    check_vocab_ranges,
+    count_parameters,
+    data_path_items,
+    load_datasets,
+    seed_everything,
+    setup_parallel,
+    token_counts,
+)
+from .metrics_log import Interval, MetricsWriter, format_log_line, losses_from_sums, mean_loss, routing_summary
+from .run_lock import DirectoryLock
+from .signals import StopRequest
 
-
-@dataclass
-class Parallel:
-    """This process's place in the job."""
-
-    rank: int
-    world: int
-    tp_rank: int
-    tp: int
-    dp_rank: int
-    dp: int
-    device: torch.device
-    tp_group: object = None
-    dp_group: object = None
-
-    @property
-    def is_first(self) -> bool:
-        return self.rank == 0
+TOOL = "moma-pretrain"
 
 
 @dataclass
 class RunResult:
     """What ``pretrain`` returns (tests and scripts read it; the CLI prints it)."""
 
-    status: str  # "completed", "exit-interval", "signal", "nan"
+    status: str  # "completed", "exit-interval", "signal", "nan", "finished" (nothing left to train)
     iteration: int
     run_dir: Path
     checkpoint: Optional[Path]
     train_losses: Dict[int, float] = field(default_factory=dict)  # every iteration run here
     eval: Dict[str, float] = field(default_factory=dict)
-
-
-class ExitSignal:
-    """Remembers a SIGTERM (what SLURM sends before preemption) so the loop can save and stop."""
-
-    def __init__(self, signum=signal.SIGTERM):
-        self.received = False
-        self.signum = signum
-        self.previous = None
-        try:
-            self.previous = signal.signal(signum, self._handle)
-        except ValueError:  # not the main thread (e.g. run from a test thread): no handler
-            self.previous = None
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def restore(self):
-        if self.previous is not None:
-            signal.signal(self.signum, self.previous)
-
-
-# -- setup ------------------------------------------------------------------------------------------
-def setup_parallel(args) -> Parallel:
-    from megatron.core import parallel_state
-
-    if not torch.distributed.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
-        else:  # a single process: no rendezvous needed
-            torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
-                                                 rank=0, world_size=1)
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    tp = args.tensor_model_parallel_size
-    if world % tp:
-        raise SystemExit(f"moma-pretrain: error: --tensor-model-parallel-size {tp} does not divide "
-                         f"the {world} processes of this job")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return Parallel(rank=rank, world=world, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                    tp=tp, dp_rank=parallel_state.get_data_parallel_rank(),
-                    dp=parallel_state.get_data_parallel_world_size(), device=device,
-                    tp_group=parallel_state.get_tensor_model_parallel_group(),
-                    dp_group=parallel_state.get_data_parallel_group())
-
-
-def load_datasets(args, parallel: Parallel, tool: str):
-    """(train, held-out) datasets of ``--data-path``, or of the bundled corpus without it (built once,
-    by rank 0, while the other ranks wait). Bad paths stop the job with ``<tool>: error: ...``."""
-    if args.data_path:
-        data_path = args.data_path
-    else:
-        if parallel.is_first:
-            bundled_dataset_prefix()
-        torch.distributed.barrier()
-        data_path = [bundled_dataset_prefix()]
-    try:
-        return build_datasets(data_path, args.seq_length, args.valid_fraction, args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{tool}: error: {e}") from None
-
-
-def seed_everything(seed: int):
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(seed)
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron's padding: a multiple of 128 x TP, so every TP rank holds an equal vocabulary slice."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-def build_model(args, layout, parallel: Parallel):
-    overrides = dict(
-        moma_vocab_ranges=layout.vocab_ranges(),
-        add_bias_linear=not args.disable_bias_linear,
-        use_cpu_initialization=True,
-        recompute_method=args.recompute_method if args.recompute_granularity else None,
-        recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else None,
-    )
-    try:
-        config = moma_config_from_args(args, **overrides)
-    except (ValueError, NotImplementedError) as e:
-        raise SystemExit(f"moma-pretrain: error: {e}") from None
-    use_te = args.transformer_impl == "transformer_engine"
-    if use_te and not (transformer_engine_available() and torch.cuda.is_available()):
-        raise SystemExit("moma-pretrain: error: --transformer-impl transformer_engine needs a GPU and "
-                         "`pip install moma_plugin[te]`; use --transformer-impl local")
-    model = MoMaGPTModel(
-        config, get_moma_layer_spec(config, use_te=use_te),
-        vocab_size=padded_vocab_size(layout.vocab_size, parallel.tp, args.make_vocab_size_divisible_by),
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-    )
-    return model.to(parallel.device), config
-
-
-def build_optimizer(model, args):
-    """AdamW with Megatron's parameter groups: no weight decay on biases and norm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.dim() == 1 or name.endswith(".bias") else decay).append(param)
-    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_eps, weight_decay=args.weight_decay)
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters, wd_incr_style="constant",
-    )
-    return optimizer, scheduler
-
-
-def count_parameters(model, parallel: Parallel) -> int:
-    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
-    replicated = sum(p.numel() for p in model.parameters()
-                     if not getattr(p, "tensor_model_parallel", False))
-    total = torch.tensor([float(sharded)])
-    torch.distributed.all_reduce(total, group=parallel.tp_group)
-    return int(total.item()) + replicated
+    signal: Optional[str] = None
 
 
 # -- one step ---------------------------------------------------------------------------------------
@@ -287,7 +150,7 @@ def train_step(model, optimizer, scheduler, micro_batches, layout, args, paralle
     loss or gradient norm is not finite."""
     num_modalities = len(layout.modalities)
     label_mods = [label_modalities(b, layout) for b in micro_batches]
-    tokens = torch.tensor([float(sum(b["loss_mask"].sum() for b in micro_batches))])
+    tokens = torch.tensor([float(sum(b["loss_mask"].sum() for b in micro_batches))], device=parallel.device)
     torch.distributed.all_reduce(tokens, group=parallel.dp_group)
     denominator = tokens.item()
 
@@ -337,8 +200,9 @@ def held_out_batches(dataset, args, parallel: Parallel) -> Iterator[Dict[str, to
     if args.eval_iters is not None:
         steps = min(steps, args.eval_iters)
     if steps == 0:
-        raise SystemExit(f"moma-pretrain: error: the held-out split has {len(dataset)} samples, fewer "
-                         f"than one evaluation step of {per_step}; raise --valid-fraction or lower "
+        raise UsageError(f"the held-out split has {len(dataset)} samples, fewer than one evaluation "
+                         f"step of {per_step} (--micro-batch-size {args.micro_batch_size} x "
+                         f"{parallel.dp} data-parallel ranks); raise --valid-fraction or lower "
                          "--micro-batch-size")
     starts = (step * per_step + parallel.dp_rank * args.micro_batch_size for step in range(steps))
     return (collate([dataset[i] for i in range(start, start + args.micro_batch_size)])
@@ -346,12 +210,13 @@ def held_out_batches(dataset, args, parallel: Parallel) -> Iterator[Dict[str, to
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args, layout, parallel: Parallel,
-             routing_mode: str = "train") -> Dict[str, float]:
+def evaluate(model, dataset, args, layout, parallel: Parallel, routing_mode: str = "train",
+             stop: Optional[StopRequest] = None) -> Optional[Dict[str, float]]:
     """Held-out loss and perplexity per modality (and overall) over ``--eval-iters`` micro-batches
     per rank (default: the whole held-out split, split over data-parallel ranks), with the given
     routing mode (``causal``: aux routers decide). Draws no random numbers and leaves the routing
-    statistics of training untouched."""
+    statistics of training untouched. With ``stop``: None as soon as a stop was requested (checked
+    on every rank before each micro-batch)."""
     num_modalities = len(layout.modalities)
     batches = held_out_batches(dataset, args, parallel)
     saved_metrics = {name: buffer.clone() for name, buffer in metric_buffers(model).items()}
@@ -360,7 +225,11 @@ def evaluate(model, dataset, args, layout, parallel: Parallel,
     model.eval()
     set_routing_mode(model, routing_mode)
     sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
+    stopped = False
     for batch in batches:
+        if stop is not None and any_rank(stop.received, parallel):
+            stopped = True
+            break
         label_mod = label_modalities(batch, layout)
         batch = to_device(batch, parallel.device)
         sums += modality_loss_sums(forward_loss(model, batch), batch["loss_mask"], label_mod,
@@ -370,78 +239,375 @@ def evaluate(model, dataset, args, layout, parallel: Parallel,
     set_aux_router_training(model, aux_training)
     for name, buffer in metric_buffers(model).items():
         buffer.copy_(saved_metrics[name])
+    if stopped:
+        return None
     torch.distributed.all_reduce(sums, group=parallel.dp_group)
     return losses_from_sums(sums, layout.modalities, with_ppl=True)
 
-
-def mean_loss(sums: torch.Tensor) -> float:
-    """Mean loss over all modalities from [2, M] loss sums and token counts."""
-    return float(sums[0].sum() / sums[1].sum().clamp(min=1))
-
-
-def losses_from_sums(sums: torch.Tensor, modalities, with_ppl: bool = False) -> Dict[str, float]:
-    out = {"loss": mean_loss(sums)}
-    for m, name in enumerate(modalities):
-        out[f"loss_{name}"] = float(sums[0, m] / sums[1, m]) if sums[1, m] > 0 else float("nan")
-    if with_ppl:
-        for key in list(out):
-            out[key.replace("loss", "ppl")] = math.exp(min(out[key], 700.0))
-    return out
-
-
-# -- logging helpers --------------------------------------------------------------------------------
-def routing_summary(metrics: Dict[str, float], micro_batches: int, modalities=()) -> Dict[str, float]:
-    """Expert load over all MoMa layers per micro-batch: min/max tokens per expert, the share of
-    tokens no expert picked, and the mean share of each modality's tokens the MoD layers process."""
-    summary = {}
-    for name in modalities:
-        shares = [v for k, v in metrics.items()
-                  if k.startswith("mod/") and k.endswith(f"/{name}/processed_frac")]
-        if shares:
-            summary[f"mod_processed_{name}"] = sum(shares) / len(shares)
-    loads = [v for k, v in metrics.items() if k.endswith("/tokens_per_expert_min")
-             or k.endswith("/tokens_per_expert_max")]
-    if not loads:
-        return summary
-    tokens = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/tokens")}
-    unpicked = sum(metrics[f"{prefix}/picked_by_0_frac"] * count for prefix, count in tokens.items())
-    return dict(summary, **{
-        "expert_load_min": min(loads) / max(micro_batches, 1),
-        "expert_load_max": max(loads) / max(micro_batches, 1),
-        "unpicked_frac": unpicked / max(sum(tokens.values()), 1),
-    })
-
-
-def format_log_line(iteration: int, args, values: Dict[str, float], modalities) -> str:
-    per_modality = ", ".join(f"{m} {values[f'loss_{m}']:.3f}" for m in modalities)
-    parts = [
-        f"iteration {iteration:>6d}/{args.train_iters:<6d}",
-        f"lr {values['lr']:.3E}",
-        f"loss {values['loss']:.4f} ({per_modality})",
-        f"grad norm {values['grad_norm']:.3f}",
-        f"{values['tokens_per_s']:,.0f} tokens/s",
-        f"{values['tflops_per_s']:.4f} TFLOP/s per rank",
-    ]
-    if "expert_load_min" in values:
-        parts.append(f"tokens/expert {values['expert_load_min']:.0f}-{values['expert_load_max']:.0f}, "
-                     f"unpicked {values['unpicked_frac']:.3f}")
-    if f"mod_processed_{modalities[0]}" in values:
-        parts.append("MoD processed " + ", ".join(
-            f"{m} {values[f'mod_processed_{m}']:.2f}" for m in modalities
-            if f"mod_processed_{m}" in values))
-    if "aux/accuracy" in values:
-        parts.append(f"aux acc {values['aux/accuracy']:.3f}")
-    share = values.get(f"sampler_share_{modalities[-1]}")
-    if share is not None:
-        target = values.get(f"sampler_target_{modalities[-1]}")
-        parts.append(f"{modalities[-1]} share {share:.3f}"
-                     + (f" (target {target:.3f})" if target is not None else ""))
-    return " | ".join(parts)
 
 
 # -- the job ----------------------------------------------------------------------------------------
 def default_run_dir(args) -> Path:
     return Path("runs") / f"{args.moma_experts}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_directories(args):
+    """(run directory, checkpoint directory or None): rank 0's choice, on every rank."""
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args)
+    shared = [str(run_dir)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    run_dir = Path(shared[0])
+    save_dir = None if args.no_save else Path(args.save or run_dir / "checkpoints")
+    return run_dir, save_dir
+
+
+def lock_directories(stack: ExitStack, directories, parallel: Parallel, tool: str = TOOL):
+    """Rank 0 locks every directory for the life of ``stack``; every rank raises if one is held."""
+    error, notes = None, []
+    if parallel.is_first:
+        try:
+            for directory in dict.fromkeys(Path(d).resolve() for d in directories):
+                lock = stack.enter_context(DirectoryLock(directory, tool))
+                if lock.note:
+                    notes.append(lock.note)
+        except UsageError as e:
+            error = e.message
+    shared = [error]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise UsageError(shared[0])
+    for note in notes:
+        print(f"note: {note}", flush=True)
+
+
+def has_checkpoints(directory) -> bool:
+    return directory is not None and ((Path(directory) / checkpointing.TRACKER).exists()
+                                      or bool(checkpointing.saved_iterations(directory)))
+
+
+def parameters_finite(model, parallel: Parallel) -> bool:
+    local = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return not any_rank(not local, parallel)
+
+
+class PretrainJob:
+    """One run of ``moma-pretrain`` (see the module docstring); ``run()`` returns its RunResult."""
+
+    def __init__(self, args, parallel: Parallel, run_dir: Path, save_dir: Optional[Path],
+                 num_micro: int, stop: StopRequest):
+        self.args, self.parallel, self.stop = args, parallel, stop
+        self.run_dir, self.save_dir, self.num_micro = run_dir, save_dir, num_micro
+        self.iteration, self.consumed_tokens, self.flops_so_far, self.train_seconds = 0, 0, 0.0, 0.0
+        self.last_saved = None  # (iteration, directory) of the newest checkpoint in --save
+        self.last_loss = None
+        self.loaded_from: Optional[Path] = None
+
+    def say(self, message: str):
+        if self.parallel.is_first:
+            print(message, flush=True)
+
+    # -- before the first step ----------------------------------------------------------------------
+    def prepare(self):
+        args, parallel = self.args, self.parallel
+        self.train_set, self.valid_set = load_datasets(args, parallel)
+        self.layout = layout = self.train_set.layout
+        if tuple(layout.modalities) != tuple(args.moma_modalities):
+            raise UsageError(f"the data holds modalities {layout.modalities} but --moma-modalities is "
+                             f"{','.join(args.moma_modalities)}; make them equal")
+        check_vocab_ranges(args, layout, data_path_items(args))
+        held_out_batches(self.valid_set, args, parallel)  # too small for one step: say so now
+        token_counts(self.valid_set)  # token ids outside the vocabulary: say so now, not at evaluation
+        self.model, config = build_model(args, layout, parallel)
+        if args.aux_router_joint:
+            set_aux_router_training(self.model, True)
+        self.optimizer = build_optimizer(self.model, args)
+        self.scheduler = build_scheduler(self.optimizer, args)
+        self.sampler, self.shares_target, counts = build_sampler(self.train_set, args, parallel, layout,
+                                                                 announce=self.say)
+        data_shares = (counts.sum(0) / counts.sum()).tolist()
+        self.flops_per_token = training_flops_per_token(config, args.seq_length, self.model.vocab_size,
+                                                        data_shares, aux_routers=args.aux_router_joint)
+        self.tokens_per_iteration = args.global_batch_size * args.seq_length
+        self.num_parameters = count_parameters(self.model, parallel)
+
+    def resume(self) -> bool:
+        """Restores the newest checkpoint of --load (or of --save, when it holds one). False when the
+        run is finished already."""
+        args, parallel = self.args, self.parallel
+        load_dir = Path(args.load) if args.load else self.save_dir if has_checkpoints(self.save_dir) else None
+        if load_dir is None:
+            return True
+        found = checkpointing.find_checkpoint(load_dir, parallel.tp_rank, args.ckpt_step, parallel.tp)
+        for note in found.notes:
+            self.say(f"note: {note}")
+        same_dir = self.save_dir is not None and load_dir.resolve() == self.save_dir.resolve()
+        if found.tracker_stale and same_dir and args.ckpt_step is None and parallel.is_first:
+            checkpointing.write_tracker(load_dir, found.iteration)
+            self.say(f"note: rewrote {load_dir / checkpointing.TRACKER}: iteration {found.iteration}")
+        state = found.state
+        checkpointing.check_compatible(state["args"], args)
+        iteration = state["iteration"]
+        if iteration >= args.train_iters:
+            self.say(f"{TOOL}: the run in {load_dir} is finished: its checkpoint is at iteration "
+                     f"{iteration} and --train-iters is {args.train_iters}; nothing to train. To train "
+                     f"longer, raise --train-iters (keeping the schedule: --lr-decay-iters "
+                     f"{state['opt_param_scheduler']['lr_decay_steps']}, or "
+                     f"{resume.OVERRIDE}); to start afresh, give a new --save")
+            self.iteration = iteration
+            return False
+        checkpointing.load_model_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for note in resume.reconcile_schedule(state, args):
+            self.say(f"note: {note}")
+        resume.apply_optimizer_values(self.optimizer, args)
+        self.scheduler = build_scheduler(self.optimizer, args)
+        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        sampler_state, failed = resume.nan_stop_sampler(self.save_dir or load_dir, iteration)
+        self.sampler.load_state_dict(sampler_state or state["moma"]["sampler"])
+        if failed is not None:
+            self.say(f"note: the run stopped on a non-finite loss at iteration {failed}: the data "
+                     f"continues from that step, skipping iterations {iteration + 1}-{failed - 1}'s "
+                     f"batches (recorded in {resume.NAN_STOP}; delete it to replay them)")
+        checkpointing.set_rng_state(state["rng_state"])
+        self.iteration = iteration
+        self.consumed_tokens = state["moma"]["consumed_tokens"]
+        self.flops_so_far = state["num_floating_point_operations_so_far"]
+        self.train_seconds = state["moma"]["train_seconds"]
+        self.loaded_from = load_dir
+        if same_dir:
+            self.last_saved = (iteration, found.directory)
+        elif has_checkpoints(self.save_dir):
+            held = checkpointing.saved_iterations(self.save_dir)
+            self.say(f"note: --save {self.save_dir} already holds iteration(s) {held}; this run's saves "
+                     "replace those of the same iteration (each once its replacement is complete)")
+        self.say(f"resumed from {found.directory} at iteration {iteration} "
+                 f"({self.consumed_tokens:,} tokens seen)")
+        return True
+
+    def describe(self):
+        args, parallel = self.args, self.parallel
+        self.name = args.name or self.run_dir.name
+        self.writer = MetricsWriter(self.run_dir, Path(args.tensorboard_dir or self.run_dir / "tensorboard"),
+                                    enabled=parallel.is_first)
+        if not parallel.is_first:
+            return
+        record = {"name": self.name, "moma_experts": args.moma_experts,
+                  "modalities": list(self.layout.modalities), "flops_per_token": self.flops_per_token,
+                  "num_parameters": self.num_parameters, "tokens_per_iteration": self.tokens_per_iteration,
+                  "args": args_for_checkpoint(args)}
+        self.writer._guard(lambda: (self.run_dir / "run.json").write_text(json.dumps(record, indent=1)))
+        self.say(f"{TOOL} {args.moma_experts}: {self.num_parameters / 1e6:.2f}M parameters, "
+                 f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
+                 f"(TP {parallel.tp} x DP {parallel.dp}) on {parallel.device.type}; {len(self.train_set)} "
+                 f"training / {len(self.valid_set)} held-out samples of {args.seq_length} tokens; global "
+                 f"batch {args.global_batch_size} ({self.num_micro} micro-batch(es) of "
+                 f"{args.micro_batch_size} per rank); {self.flops_per_token / 1e6:.2f} MFLOP per token; "
+                 f"run dir {self.run_dir}")
+
+    # -- saving -------------------------------------------------------------------------------------
+    def save(self, at: int) -> Optional[Path]:
+        """Checkpoints iteration ``at`` into --save unless it is there already; its directory
+        (None with --no-save)."""
+        args = self.args
+        if args.aux_router_joint and at > 0:  # the aux routers have trained alongside since step 1
+            mark_aux_routers_trained(self.model)
+        if self.save_dir is None:
+            return None
+        if self.last_saved is not None and self.last_saved[0] == at:
+            return self.last_saved[1]
+        state = {
+            "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
+            "iteration": at,
+            "args": args_for_checkpoint(args),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "opt_param_scheduler": self.scheduler.state_dict(),
+            "rng_state": checkpointing.rng_state(),
+            "num_floating_point_operations_so_far": self.flops_so_far,
+            "moma": {"sampler": self.sampler.state_dict(), "consumed_tokens": self.consumed_tokens,
+                     "train_seconds": self.train_seconds},
+        }
+        summary = {"train_loss": self.last_loss, "tokens": self.consumed_tokens,
+                   "parameters_finite": parameters_finite(self.model, self.parallel)}
+        path = checkpointing.save_checkpoint(str(self.save_dir), at, state, self.parallel.tp_rank,
+                                             writes=self.parallel.dp_rank == 0, summary=summary,
+                                             keep_last=args.keep_last)
+        if self.parallel.is_first:
+            resume.clear_nan_stop(self.save_dir)  # its data position is in this checkpoint now
+        self.writer.flush()
+        self.last_saved = (at, path)
+        return path
+
+    # -- training -----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        result = RunResult("completed", self.iteration, self.run_dir, None)
+        from tqdm import tqdm
+
+        args, parallel, layout = self.args, self.parallel, self.layout
+        bar = tqdm(total=args.train_iters, initial=self.iteration, unit="it", dynamic_ncols=True,
+                   disable=(not args.progress_bar) or (not parallel.is_first) or None)
+        interval = Interval(len(layout.modalities))
+        try:
+            while self.iteration < args.train_iters:
+                start = time.perf_counter()
+                sampler_before = self.sampler.state_dict()
+                micro_batches = [collate([self.train_set[i] for i in self.sampler.next_step()[parallel.dp_rank]])
+                                 for _ in range(self.num_micro)]
+                sums, grad_norm, finite = train_step(self.model, self.optimizer, self.scheduler,
+                                                     micro_batches, layout, args, parallel)
+                if not finite:
+                    self.stop_on_nonfinite(sums, grad_norm, sampler_before)
+                    result.status = "nan"
+                    break
+                elapsed = time.perf_counter() - start
+                self.iteration += 1
+                self.consumed_tokens += self.tokens_per_iteration
+                self.flops_so_far += self.flops_per_token * self.tokens_per_iteration
+                self.train_seconds += elapsed
+                self.last_loss = result.train_losses[self.iteration] = mean_loss(sums)
+                interval.add(sums, elapsed, micro_batches, grad_norm)
+                bar.update(1)
+                iteration = self.iteration
+                if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                    self.log(interval, bar, tqdm)
+                    interval = Interval(len(layout.modalities))
+                last = iteration == args.train_iters
+                if iteration % args.save_interval == 0 and not last:
+                    result.checkpoint = self.save(iteration)
+                if iteration % args.eval_interval == 0 and not last:  # after the save: see finish()
+                    self.evaluate_and_log(iteration, tqdm.write)
+                if any_rank(self.stop.received, parallel):
+                    result.status, result.signal, result.checkpoint = "signal", self.stop.signal, \
+                        self.save(iteration)
+                    if parallel.is_first:
+                        tqdm.write(f"received {self.stop.signal}: saved iteration {iteration} to "
+                                   f"{result.checkpoint}; run the same command again (or pass --load) "
+                                   "to resume")
+                    break
+                if args.exit_interval and iteration % args.exit_interval == 0 and not last:
+                    result.status, result.checkpoint = "exit-interval", self.save(iteration)
+                    if parallel.is_first:
+                        tqdm.write(f"--exit-interval {args.exit_interval}: saved iteration {iteration} "
+                                   f"to {result.checkpoint} and stopped")
+                    break
+        finally:
+            bar.close()
+        result.iteration = self.iteration
+        if result.status == "completed":
+            self.finish(result)
+        if result.status == "signal" and self.parallel.is_first:
+            report_signal_stop(result.signal, self.iteration,
+                               str(result.checkpoint) if result.checkpoint else None)
+        self.writer.close()
+        return result
+
+    def log(self, interval: Interval, bar, tqdm):
+        args, layout = self.args, self.layout
+        values = interval.summary(layout.modalities, self.shares_target, self.tokens_per_iteration,
+                                  self.flops_per_token, self.parallel.world)
+        routing = collect_routing_metrics(self.model)
+        values.update(routing_summary(routing, interval.micro_batches, layout.modalities))
+        values.update(routing)
+        if args.aux_router_joint:
+            values.update(collect_aux_metrics(self.model))
+        values.update(lr=self.optimizer.param_groups[0]["lr"], tokens=self.consumed_tokens,
+                      flops=self.flops_so_far, sampler_violations=self.sampler.violations)
+        self.writer.write("train", self.iteration, values)
+        if self.parallel.is_first:
+            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+            tqdm.write(format_log_line(self.iteration, args, values, layout.modalities))
+
+    def evaluate_and_log(self, iteration: int, write) -> Optional[Dict[str, float]]:
+        values = evaluate(self.model, self.valid_set, self.args, self.layout, self.parallel,
+                          stop=self.stop)
+        if values is None:  # a stop was requested during it
+            return None
+        self.writer.write("eval", iteration, dict(values, tokens=self.consumed_tokens,
+                                                  flops=self.flops_so_far))
+        if self.parallel.is_first:
+            write(f"evaluation at iteration {iteration}: " + ", ".join(
+                f"{m} loss {values[f'loss_{m}']:.4f} (ppl {values[f'ppl_{m}']:.2f})"
+                for m in self.layout.modalities))
+        return values
+
+    def stop_on_nonfinite(self, sums, grad_norm, sampler_state):
+        """Stops without saving the current weights (they may be diverging already): names the newest
+        checkpoint before the failed step and records the data position of that step, so that the
+        same command with a lower --lr continues from there past the data that diverged."""
+        failed = self.iteration + 1
+        losses = losses_from_sums(sums, self.layout.modalities)
+        what = "gradient norm" if math.isfinite(losses["loss"]) else "loss"
+        if not self.parallel.is_first:
+            return
+        candidates = resume.rollback_candidates(self.save_dir, failed) if self.save_dir else []
+        lines = [f"{TOOL}: stopping: non-finite {what} at iteration {failed} (loss {losses['loss']}, "
+                 + ", ".join(f"{m} {losses[f'loss_{m}']}" for m in self.layout.modalities)
+                 + f", grad norm {grad_norm}). The step was not applied, and the weights since the last "
+                 "checkpoint were not saved: they may be diverging already."]
+        if candidates:
+            resume.record_nan_stop(self.save_dir, failed, sampler_state, candidates[0][0])
+            listed = ", ".join(f"iteration {i}" + (f" (train loss {loss:.4f})" if loss is not None else "")
+                               for i, loss in candidates[:4])
+            lines.append(
+                f"Checkpoints before it in {self.save_dir}: {listed}. Run the same command with a lower "
+                f"learning rate, e.g. --lr {self.args.lr / 2:g} {resume.OVERRIDE}: it resumes from "
+                f"iteration {candidates[0][0]} and continues with the data of iteration {failed} "
+                f"(recorded in {self.save_dir / resume.NAN_STOP}; delete it to replay the data since "
+                f"then). If that checkpoint had diverged already, add --ckpt-step N for an older one.")
+        else:
+            lines.append("No checkpoint was saved before it"
+                         + (f" in {self.save_dir}" if self.save_dir else " (--no-save)")
+                         + ": start again with a lower --lr, a longer --lr-warmup-iters or a lower "
+                         "--clip-grad" + (f" (or resume from --load {self.loaded_from} again)"
+                                          if self.loaded_from else "") + ".")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    # -- after the last step ------------------------------------------------------------------------
+    def finish(self, result: RunResult):
+        """Saves first, then evaluates and plots; a stop request after the save skips the rest."""
+        args, parallel, layout = self.args, self.parallel, self.layout
+        result.checkpoint = self.save(self.iteration)
+
+        def stopped() -> bool:
+            if not any_rank(self.stop.received, parallel):
+                return False
+            result.status, result.signal = "signal", self.stop.signal
+            self.say(f"received {self.stop.signal} after the last iteration: the final checkpoint "
+                     f"(iteration {self.iteration}) is saved to {result.checkpoint}; skipped what was "
+                     "left (evaluation, plot)")
+            return True
+
+        if stopped():
+            return
+        values = evaluate(self.model, self.valid_set, args, layout, parallel, stop=self.stop)
+        if values is None:
+            stopped()
+            return
+        result.eval = values
+        if has_trained_aux_routers(self.model):
+            causal = evaluate(self.model, self.valid_set, args, layout, parallel, routing_mode="causal",
+                              stop=self.stop)
+            if causal is None:
+                stopped()
+                return
+            result.eval.update({f"causal_{key}": value for key, value in causal.items()})
+        self.writer.write("eval", self.iteration, dict(result.eval, tokens=self.consumed_tokens,
+                                                       flops=self.flops_so_far))
+        self.writer.flush()
+        if stopped() or not parallel.is_first:  # every rank asks: a collective
+            return
+        plot = _plot(self.run_dir)
+        print(f"done: {self.iteration} iterations, {self.consumed_tokens:,} tokens, "
+              f"{self.flops_so_far / 1e12:.3f} TFLOP in {self.train_seconds:.1f} s of training", flush=True)
+        print("held-out loss: " + ", ".join(
+            f"{m} {result.eval[f'loss_{m}']:.4f} (ppl {result.eval[f'ppl_{m}']:.2f})"
+            for m in layout.modalities) + f"; overall {result.eval['loss']:.4f}", flush=True)
+        if "causal_loss" in result.eval:
+            print("held-out loss, causal routing (aux routers): " + ", ".join(
+                f"{m} {result.eval[f'causal_loss_{m}']:.4f}" for m in layout.modalities)
+                + f"; overall {result.eval['causal_loss']:.4f}", flush=True)
+        print(f"checkpoint: {result.checkpoint}\nmetrics: {self.writer.path}\nTensorBoard: "
+              f"{args.tensorboard_dir or self.run_dir / 'tensorboard'}\nplot: {plot}", flush=True)
 
 
 def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace] = None) -> RunResult:
@@ -450,221 +616,16 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
     parallel = setup_parallel(args)
     num_micro = batch_sizes(args, parallel.dp)
     seed_everything(args.seed)
-
-    # Run directory, checkpoint directories (every rank agrees on rank 0's choice).
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args)
-    shared = [str(run_dir)]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    run_dir = Path(shared[0])
-    save_dir = None if args.no_save else Path(args.save or run_dir / "checkpoints")
-    load_dir = args.load
-    if load_dir is None and save_dir is not None and checkpointing.read_tracker(save_dir) is not None:
-        load_dir = str(save_dir)  # the same command again resumes (SLURM requeue)
-    if parallel.is_first:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    train_set, valid_set = load_datasets(args, parallel, "moma-pretrain")
-    layout = train_set.layout
-    if tuple(layout.modalities) != tuple(args.moma_modalities):
-        raise SystemExit(f"moma-pretrain: error: the data holds modalities {layout.modalities} but "
-                         f"--moma-modalities is {','.join(args.moma_modalities)}; make them equal")
-
-    model, config = build_model(args, layout, parallel)
-    if args.aux_router_joint:
-        set_aux_router_training(model, True)
-    optimizer, scheduler = build_optimizer(model, args)
-    shares_target = target_shares_from_experts(args.moma_experts, layout.modalities)
-    counts = train_set.modality_counts()
-    sampler = BalancedSampler(counts, args.micro_batch_size, parallel.dp,
-                              shares_target if args.balanced_sampler else None,
-                              tolerance=args.balance_tolerance, seed=args.seed, strict=False)
-    data_shares = (counts.sum(0) / counts.sum()).tolist()
-    flops_per_token = training_flops_per_token(config, args.seq_length, model.vocab_size, data_shares,
-                                               aux_routers=args.aux_router_joint)
-    tokens_per_iteration = args.global_batch_size * args.seq_length
-    num_parameters = count_parameters(model, parallel)
-
-    # Resume.
-    iteration, consumed_tokens, flops_so_far, train_seconds = 0, 0, 0.0, 0.0
-    if load_dir is not None:
-        try:
-            state = checkpointing.load_checkpoint(load_dir, parallel.tp_rank)
-            checkpointing.check_compatible(state["args"], args)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"moma-pretrain: error: {e}") from None
-        try:
-            checkpointing.load_model_state(model, state["model"])
-        except ValueError as e:
-            raise SystemExit(f"moma-pretrain: error: --load {load_dir}: {e}") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["opt_param_scheduler"])
-        sampler.load_state_dict(state["moma"]["sampler"])
-        checkpointing.set_rng_state(state["rng_state"])
-        iteration = state["iteration"]
-        consumed_tokens = state["moma"]["consumed_tokens"]
-        flops_so_far = state["num_floating_point_operations_so_far"]
-        train_seconds = state["moma"]["train_seconds"]
-        if parallel.is_first:
-            print(f"resumed from {checkpointing.iteration_dir(load_dir, iteration)} at iteration "
-                  f"{iteration} ({consumed_tokens:,} tokens seen)", flush=True)
-
-    name = args.name or run_dir.name
-    writer = MetricsWriter(run_dir, Path(args.tensorboard_dir or run_dir / "tensorboard"),
-                           enabled=parallel.is_first)
-    if parallel.is_first:
-        (run_dir / "run.json").write_text(json.dumps({
-            "name": name, "moma_experts": args.moma_experts, "modalities": list(layout.modalities),
-            "flops_per_token": flops_per_token, "num_parameters": num_parameters,
-            "tokens_per_iteration": tokens_per_iteration, "args": args_for_checkpoint(args),
-        }, indent=1))
-        print(f"moma-pretrain {args.moma_experts}: {num_parameters / 1e6:.2f}M parameters, "
-              f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
-              f"(TP {parallel.tp} x DP {parallel.dp}) on {parallel.device.type}; {len(train_set)} "
-              f"training / {len(valid_set)} held-out samples of {args.seq_length} tokens; global batch "
-              f"{args.global_batch_size} ({num_micro} micro-batch(es) of {args.micro_batch_size} per "
-              f"rank); {flops_per_token / 1e6:.2f} MFLOP per token; run dir {run_dir}", flush=True)
-
-    # The checkpoint of the newest saved iteration in --save: (iteration, directory).
-    last_saved = None
-    if load_dir is not None and save_dir is not None and Path(load_dir).resolve() == save_dir.resolve():
-        last_saved = (iteration, checkpointing.iteration_dir(save_dir, iteration))
-
-    def save(at: int) -> Optional[Path]:
-        """Checkpoints iteration ``at`` into --save unless it is there already; its directory
-        (None with --no-save)."""
-        nonlocal last_saved
-        if args.aux_router_joint and at > 0:  # the aux routers have trained alongside since step 1
-            mark_aux_routers_trained(model)
-        if save_dir is None:
-            return None
-        if last_saved is not None and last_saved[0] == at:
-            return last_saved[1]
-        state = {
-            "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
-            "iteration": at,
-            "args": args_for_checkpoint(args),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "opt_param_scheduler": scheduler.state_dict(),
-            "rng_state": checkpointing.rng_state(),
-            "num_floating_point_operations_so_far": flops_so_far,
-            "moma": {"sampler": sampler.state_dict(), "consumed_tokens": consumed_tokens,
-                     "train_seconds": train_seconds},
-        }
-        path = checkpointing.save_checkpoint(str(save_dir), at, state, parallel.tp_rank,
-                                             writes=parallel.dp_rank == 0)
-        writer.flush()
-        last_saved = (at, path)
-        return path
-
-    result = RunResult("completed", iteration, run_dir, None)
-    exit_signal = ExitSignal()
-    from tqdm import tqdm
-
-    bar = tqdm(total=args.train_iters, initial=iteration, unit="it", dynamic_ncols=True,
-               disable=(not args.progress_bar) or (not parallel.is_first) or None)
-    interval = _Interval(len(layout.modalities))
-    try:
-        while iteration < args.train_iters:
-            start = time.perf_counter()
-            micro_batches = [collate([train_set[i] for i in sampler.next_step()[parallel.dp_rank]])
-                             for _ in range(num_micro)]
-            sums, grad_norm, finite = train_step(model, optimizer, scheduler, micro_batches, layout,
-                                                 args, parallel)
-            if not finite:
-                losses = losses_from_sums(sums, layout.modalities)
-                what = "gradient norm" if math.isfinite(losses["loss"]) else "loss"
-                saved = save(iteration)
-                message = (
-                    f"moma-pretrain: stopping: non-finite {what} at iteration {iteration + 1} "
-                    f"(loss {losses['loss']}, "
-                    + ", ".join(f"{m} {losses[f'loss_{m}']}" for m in layout.modalities)
-                    + f", grad norm {grad_norm}). The step was not applied. "
-                    + (f"The last good state (iteration {iteration}) is in {saved}. " if saved else "")
-                    + "Lower --lr, raise --lr-warmup-iters or lower --clip-grad, then resume with --load."
-                )
-                if parallel.is_first:
-                    print(message, file=sys.stderr, flush=True)
-                result.status, result.checkpoint = "nan", saved
-                break
-            elapsed = time.perf_counter() - start
-            iteration += 1
-            consumed_tokens += tokens_per_iteration
-            flops_so_far += flops_per_token * tokens_per_iteration
-            train_seconds += elapsed
-            result.train_losses[iteration] = mean_loss(sums)
-            interval.add(sums, elapsed, micro_batches, grad_norm)
-            bar.update(1)
-
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                values = interval.summary(layout.modalities, shares_target, tokens_per_iteration,
-                                          flops_per_token, parallel.world)
-                routing = collect_routing_metrics(model)
-                values.update(routing_summary(routing, interval.micro_batches, layout.modalities))
-                values.update(routing)
-                if args.aux_router_joint:
-                    values.update(collect_aux_metrics(model))
-                values.update(lr=optimizer.param_groups[0]["lr"], tokens=consumed_tokens,
-                              flops=flops_so_far)
-                writer.write("train", iteration, values)
-                if parallel.is_first:
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-                    tqdm.write(format_log_line(iteration, args, values, layout.modalities))
-                interval = _Interval(len(layout.modalities))
-
-            if iteration % args.eval_interval == 0 and iteration < args.train_iters:
-                values = evaluate(model, valid_set, args, layout, parallel)
-                writer.write("eval", iteration, dict(values, tokens=consumed_tokens, flops=flops_so_far))
-                if parallel.is_first:
-                    tqdm.write(f"evaluation at iteration {iteration}: " + ", ".join(
-                        f"{m} loss {values[f'loss_{m}']:.4f} (ppl {values[f'ppl_{m}']:.2f})"
-                        for m in layout.modalities))
-
-            stop = torch.tensor([float(exit_signal.received)])
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-            if stop.item() > 0:
-                result.status, result.checkpoint = "signal", save(iteration)
-                if parallel.is_first:
-                    tqdm.write(f"received SIGTERM: saved iteration {iteration} to {result.checkpoint}; "
-                               "run the same command again (or pass --load) to resume")
-                break
-            if args.exit_interval and iteration % args.exit_interval == 0:
-                result.status, result.checkpoint = "exit-interval", save(iteration)
-                if parallel.is_first:
-                    tqdm.write(f"--exit-interval {args.exit_interval}: saved iteration {iteration} to "
-                               f"{result.checkpoint} and stopped")
-                break
-            if iteration % args.save_interval == 0 and iteration < args.train_iters:
-                result.checkpoint = save(iteration)
-    finally:
-        bar.close()
-        exit_signal.restore()
-
-    result.iteration = iteration
-    if result.status == "completed":
-        result.checkpoint = save(iteration)
-        result.eval = evaluate(model, valid_set, args, layout, parallel)
-        if has_trained_aux_routers(model):
-            causal = evaluate(model, valid_set, args, layout, parallel, routing_mode="causal")
-            result.eval.update({f"causal_{key}": value for key, value in causal.items()})
-        writer.write("eval", iteration, dict(result.eval, tokens=consumed_tokens, flops=flops_so_far))
-        writer.flush()
-        plot = None
-        if parallel.is_first:
-            plot = _plot(run_dir)
-            print(f"done: {iteration} iterations, {consumed_tokens:,} tokens, "
-                  f"{flops_so_far / 1e12:.3f} TFLOP in {train_seconds:.1f} s of training", flush=True)
-            print("held-out loss: " + ", ".join(
-                f"{m} {result.eval[f'loss_{m}']:.4f} (ppl {result.eval[f'ppl_{m}']:.2f})"
-                for m in layout.modalities) + f"; overall {result.eval['loss']:.4f}", flush=True)
-            if "causal_loss" in result.eval:
-                print("held-out loss, causal routing (aux routers): " + ", ".join(
-                    f"{m} {result.eval[f'causal_loss_{m}']:.4f}" for m in layout.modalities)
-                    + f"; overall {result.eval['causal_loss']:.4f}", flush=True)
-            print(f"checkpoint: {result.checkpoint}\nmetrics: {writer.path}\nTensorBoard: "
-                  f"{args.tensorboard_dir or run_dir / 'tensorboard'}\nplot: {plot}", flush=True)
-    writer.close()
-    return result
+    run_dir, save_dir = run_directories(args)
+    with ExitStack() as stack:
+        lock_directories(stack, [run_dir] + ([save_dir] if save_dir else []), parallel)
+        stop = stack.enter_context(StopRequest(TOOL, announce=parallel.is_first))
+        job = PretrainJob(args, parallel, run_dir, save_dir, num_micro, stop)
+        job.prepare()
+        if not job.resume():
+            return RunResult("finished", job.iteration, run_dir, None)
+        job.describe()
+        return job.run()
 
 
 def _plot(run_dir: Path) -> Optional[Path]:
@@ -680,51 +641,21 @@ def _plot(run_dir: Path) -> Optional[Path]:
         return None
 
 
-class _Interval:
-    """Sums over the iterations between two log lines."""
-
-    def __init__(self, num_modalities: int):
-        self.sums = torch.zeros(2, num_modalities, dtype=torch.float64)
-        self.seconds = 0.0
-        self.iterations = 0
-        self.micro_batches = 0
-        self.grad_norms = []
-        self.modality_tokens = torch.zeros(num_modalities, dtype=torch.float64)
-
-    def add(self, sums, seconds, micro_batches, grad_norm):
-        self.sums += sums.cpu()
-        self.seconds += seconds
-        self.iterations += 1
-        self.micro_batches += len(micro_batches)
-        self.grad_norms.append(grad_norm)
-        for batch in micro_batches:
-            ids = batch["modality_ids"].reshape(-1)
-            self.modality_tokens += torch.bincount(ids, minlength=len(self.modality_tokens)).double()
-
-    def summary(self, modalities, target, tokens_per_iteration, flops_per_token, world):
-        values = losses_from_sums(self.sums, modalities)
-        seconds_per_iteration = self.seconds / max(self.iterations, 1)
-        tokens_per_s = tokens_per_iteration / max(seconds_per_iteration, 1e-9)
-        shares = (self.modality_tokens / self.modality_tokens.sum().clamp(min=1)).tolist()
-        values.update(
-            grad_norm=sum(self.grad_norms) / len(self.grad_norms),
-            seconds_per_iteration=seconds_per_iteration,
-            tokens_per_s=tokens_per_s,
-            tflops_per_s=tokens_per_s * flops_per_token / 1e12 / world,
-        )
-        for name, share in zip(modalities, shares):
-            values[f"sampler_share_{name}"] = share
-        if target is not None:
-            for name, share in zip(modalities, target):
-                values[f"sampler_target_{name}"] = share
-        return values
-
-
-def main(argv: Optional[List[str]] = None):
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    args = parse_args(argv)
-    result = pretrain(args=args)
+def _main(argv: Optional[List[str]]):
+    try:
+        result = pretrain(argv)
+    except KeyboardInterrupt:
+        print(f"{TOOL}: stopped by a second Ctrl-C without saving; the newest checkpoint (if any) is "
+              "the last one saved before it", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if result.status == "nan":
-        sys.exit(1)
+        raise SystemExit(1)
+    if result.status == "signal" and result.signal == "SIGINT":
+        raise SystemExit(130)
+    return result
+
+
+def main(argv: Optional[List[str]] = None):
+    run_tool(TOOL, _main, sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,247 @@
+"""What a training job builds before its first step: process groups, datasets, model, optimizer and
+schedule, sampler. Shared by ``moma-pretrain``, ``moma-train-aux-routers`` and ``moma-generate``; every
+bad input ends in a UsageError that names the flag and what to do."""
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..args import moma_config_from_args
+from ..cli import UsageError
+from ..data.corpus import BUNDLED, resolve_data_path
+from ..data.dataset import build_datasets
+from ..data.sampler import BalancedSampler, target_shares_from_experts, unmet_bound
+from ..model import MoMaGPTModel
+from ..specs import get_moma_layer_spec, transformer_engine_available
+
+
+@dataclass
+class Parallel:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    tp_rank: int
+    tp: int
+    dp_rank: int
+    dp: int
+    device: torch.device
+    tp_group: object = None
+    dp_group: object = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+
+def _torchrun_command(tp: int) -> str:
+    module = {"moma-train-aux-routers": "moma_plugin.training.aux_routers"}.get(
+        os.path.basename(sys.argv[0]), "moma_plugin.pretrain")
+    return f"torchrun --nproc-per-node {tp} -m {module} " + shlex.join(sys.argv[1:])
+
+
+def setup_parallel(args) -> Parallel:
+    """Megatron's parallel state over every process of the job (torchrun/srun set RANK and
+    WORLD_SIZE; a lone process gets a one-process gloo group)."""
+    from megatron.core import parallel_state
+
+    tp = args.tensor_model_parallel_size
+    if not torch.distributed.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+        else:  # a single process: no rendezvous needed
+            if tp > 1:
+                raise UsageError(f"--tensor-model-parallel-size {tp} needs {tp} processes (one per "
+                                 f"rank); launch it with torchrun:\n  {_torchrun_command(tp)}")
+            torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world % tp:
+        raise UsageError(f"--tensor-model-parallel-size {tp} does not divide the {world} processes of "
+                         "this job")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Parallel(rank=rank, world=world, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                    tp=tp, dp_rank=parallel_state.get_data_parallel_rank(),
+                    dp=parallel_state.get_data_parallel_world_size(), device=device,
+                    tp_group=parallel_state.get_tensor_model_parallel_group(),
+                    dp_group=parallel_state.get_data_parallel_group())
+
+
+def any_rank(flag: bool, parallel: Parallel) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective)."""
+    value = torch.tensor([float(flag)], device=parallel.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def data_path_items(args):
+    return list(args.data_path) if args.data_path else ["bundled:interleaved"]
+
+
+def load_datasets(args, parallel: Parallel):
+    """(train, held-out) datasets of ``--data-path`` (bundled ones built once, by rank 0, while the
+    other ranks wait)."""
+    items = data_path_items(args)
+    if any(item in BUNDLED for item in items):
+        if parallel.is_first:
+            resolve_data_path(items)
+        torch.distributed.barrier()
+    try:
+        return build_datasets(resolve_data_path(items), args.seq_length, args.valid_fraction, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{e}") from None
+
+
+def check_vocab_ranges(args, layout, items):
+    """--moma-vocab-ranges, when given, must name the ranges the data was written with."""
+    given = args.moma_vocab_ranges
+    if given is None:
+        return
+    data = layout.vocab_ranges()
+    if {k: tuple(v) for k, v in given.items()} != data:
+        spelled = ",".join(f"{name}:{start}:{end}" for name, (start, end) in data.items())
+        raise UsageError(f"--moma-vocab-ranges {','.join(f'{k}:{v[0]}:{v[1]}' for k, v in given.items())} "
+                         f"disagrees with the data ({' '.join(items)}: {spelled} in its .vocab.json, "
+                         f"{layout.vocab_size} ids); drop the flag (the data's ranges are used) or "
+                         f"pass --moma-vocab-ranges {spelled}")
+
+
+def seed_everything(seed: int):
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padding: a multiple of 128 x TP, so every TP rank holds an equal vocabulary slice."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(args, layout, parallel: Parallel):
+    overrides = dict(
+        moma_vocab_ranges=layout.vocab_ranges(),
+        add_bias_linear=not args.disable_bias_linear,
+        use_cpu_initialization=True,
+        recompute_method=args.recompute_method if args.recompute_granularity else None,
+        recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else None,
+    )
+    try:
+        config = moma_config_from_args(args, **overrides)
+    except (ValueError, NotImplementedError) as e:
+        raise UsageError(f"{e}") from None
+    use_te = args.transformer_impl == "transformer_engine"
+    if use_te and not (transformer_engine_available() and torch.cuda.is_available()):
+        raise UsageError("--transformer-impl transformer_engine needs a GPU and "
+                         "`pip install moma_plugin[te]`; use --transformer-impl local")
+    model = MoMaGPTModel(
+        config, get_moma_layer_spec(config, use_te=use_te),
+        vocab_size=padded_vocab_size(layout.vocab_size, parallel.tp, args.make_vocab_size_divisible_by),
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+    )
+    return model.to(parallel.device), config
+
+
+def build_optimizer(model, args):
+    """AdamW with Megatron's parameter groups: no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() == 1 or name.endswith(".bias") else decay).append(param)
+    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_eps, weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer, args):
+    """Megatron-Core's scheduler of the paper's schedule. On resume it takes only the step count
+    from a checkpoint: which values win is decided before (``resume.reconcile_schedule``)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.lr_decay_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+    )
+
+
+def blend_hint(target, layout) -> str:
+    """The --data-path that serves ``target`` shares from the bundled datasets (text + image only)."""
+    if len(layout.modalities) != 2:
+        return ""
+    from ..data.corpus import bundled_dataset_prefix
+
+    counts = np.load(f"{bundled_dataset_prefix('bundled:interleaved')}.counts.npy").sum(0)
+    image_share = counts[1] / counts.sum()
+    if target[1] >= image_share:
+        return ""
+    weight = round(target[1] / image_share, 2)
+    return (f"; on the bundled data, blend in its text-only documents: --data-path {weight} "
+            f"bundled:interleaved {round(1 - weight, 2)} bundled:text")
+
+
+def token_counts(dataset):
+    """[samples, modalities] token counts of a split; reading them checks every token id."""
+    try:
+        return dataset.modality_counts()
+    except ValueError as e:
+        raise UsageError(f"{e}") from None
+
+
+def build_sampler(train_set, args, parallel: Parallel, layout, seed: Optional[int] = None,
+                  announce=print):
+    """The balanced sampler of ``--moma-experts``' ratio. Data that cannot meet the bound at all is
+    refused; data that cannot meet it for long is announced (misses are counted and logged)."""
+    target = target_shares_from_experts(args.moma_experts, layout.modalities) \
+        if args.balanced_sampler else None
+    counts = token_counts(train_set)
+    fix = (f"widen --balance-tolerance (now {args.balance_tolerance}), give data closer to the experts' "
+           "ratio, or pass --no-balanced-sampler")
+    bundled = all(item in BUNDLED for item in data_path_items(args))
+    try:
+        sampler = BalancedSampler(counts, args.micro_batch_size, parallel.dp, target,
+                                  tolerance=args.balance_tolerance,
+                                  seed=args.seed if seed is None else seed, strict=False,
+                                  modalities=layout.modalities)
+    except ValueError as e:
+        hint = blend_hint(target, layout) if bundled and target is not None else ""
+        raise UsageError(f"the balanced sampler cannot serve {args.moma_experts}: {e} "
+                         f"({fix}{hint})") from None
+    if target is not None:
+        unmet = unmet_bound(counts, target, args.balance_tolerance, layout.modalities)
+        if unmet and parallel.is_first:
+            hint = blend_hint(target, layout) if bundled else ""
+            announce(f"warning: {unmet} (tolerance {args.balance_tolerance}): the sampler's micro-batches "
+                     f"will miss the ratio bound once its pool runs short; each miss is counted and "
+                     f"logged. To keep the bound, {fix}{hint}")
+    return sampler, target, counts
+
+
+def count_parameters(model, parallel: Parallel) -> int:
+    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
+    replicated = sum(p.numel() for p in model.parameters()
+                     if not getattr(p, "tensor_model_parallel", False))
+    total = torch.tensor([float(sharded)], device=parallel.device)
+    torch.distributed.all_reduce(total, group=parallel.tp_group)
+    return int(total.item()) + replicated

@@ -1,0 +1,131 @@
+"""Resuming ``moma-pretrain``: which checkpoint, which flags win, where the data continues.
+
+- The checkpoint: ``--load DIR`` (``--ckpt-step N`` for a given iteration), or the run's own ``--save``
+  directory when it holds checkpoints (the same command again resumes: a requeued SLURM job). A missing,
+  garbled or stale tracker is rebuilt from the newest complete, verified checkpoint, with a note
+  (``checkpointing.find_checkpoint``).
+- The schedule and optimizer hyper-parameters, Megatron's way: when ``--lr``, ``--min-lr``, the warm-up,
+  decay, weight decay or Adam flags differ from the checkpoint's, the run refuses to start unless
+  ``--override-opt_param-scheduler`` (the flags win) or ``--use-checkpoint-opt_param-scheduler`` (the
+  checkpoint wins; the flags are set to its values, so run.json records what is used).
+- The data: the sampler continues where the checkpoint left it; after a stop on a non-finite loss
+  (``nan_stop.json`` in ``--save``) it continues from the failed step instead (see ``record_nan_stop``).
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .. import storage
+from ..cli import UsageError
+
+NAN_STOP = "nan_stop.json"
+OVERRIDE = "--override-opt_param-scheduler"
+USE_CHECKPOINT = "--use-checkpoint-opt_param-scheduler"
+
+
+def schedule_values(args) -> Dict[str, Any]:
+    """The values a checkpoint records for the schedule and the optimizer, from this run's flags."""
+    return {"lr": args.lr, "min_lr": args.min_lr, "lr_warmup_iters": args.lr_warmup_iters,
+            "lr_decay_iters": args.lr_decay_iters, "lr_decay_style": args.lr_decay_style,
+            "weight_decay": args.weight_decay, "adam_beta1": args.adam_beta1,
+            "adam_beta2": args.adam_beta2, "adam_eps": args.adam_eps}
+
+
+def checkpoint_schedule_values(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The same values as the checkpoint's scheduler and optimizer hold them."""
+    scheduler = state["opt_param_scheduler"]
+    group = state["optimizer"]["param_groups"][0]
+    return {"lr": scheduler["max_lr"], "min_lr": scheduler["min_lr"],
+            "lr_warmup_iters": scheduler["lr_warmup_steps"], "lr_decay_iters": scheduler["lr_decay_steps"],
+            "lr_decay_style": scheduler["lr_decay_style"], "weight_decay": scheduler["start_wd"],
+            "adam_beta1": group["betas"][0], "adam_beta2": group["betas"][1], "adam_eps": group["eps"]}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def reconcile_schedule(state: Dict[str, Any], args) -> List[str]:
+    """Decides between the flags and the checkpoint for the schedule and optimizer values; sets the
+    winning values on ``args``. Returns notes for the log; raises UsageError when they differ and
+    neither ``--override-opt_param-scheduler`` nor ``--use-checkpoint-opt_param-scheduler`` says which
+    wins."""
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise UsageError(f"{OVERRIDE} and {USE_CHECKPOINT} exclude each other; pass one")
+    saved = checkpoint_schedule_values(state)
+    ours = schedule_values(args)
+    differing = [name for name in ours if not _same(ours[name], saved[name])]
+    if not differing:
+        return []
+    listed = ", ".join(f"--{n.replace('_', '-')} {ours[n]} (checkpoint: {saved[n]})" for n in differing)
+    if args.override_opt_param_scheduler:
+        return [f"{OVERRIDE}: using the flags' {listed}"]
+    if args.use_checkpoint_opt_param_scheduler:
+        for name in differing:
+            setattr(args, name, saved[name])
+        return [f"{USE_CHECKPOINT}: using the checkpoint's values instead of {listed}"]
+    hint = ""
+    if "lr_decay_iters" in differing and "lr_decay_iters" not in args.explicit:
+        hint = (f" (--lr-decay-iters defaults to --train-iters: to train longer on the same schedule pass "
+                f"--lr-decay-iters {saved['lr_decay_iters']})")
+    raise UsageError(f"resuming with a schedule that differs from the checkpoint's: {listed}{hint}. "
+                     f"Pass {OVERRIDE} to use the flags, or {USE_CHECKPOINT} to keep the checkpoint's")
+
+
+def apply_optimizer_values(optimizer, args):
+    """After ``optimizer.load_state_dict``: the reconciled Adam values (torch restores the saved ones)."""
+    for group in optimizer.param_groups:
+        group["betas"] = (args.adam_beta1, args.adam_beta2)
+        group["eps"] = args.adam_eps
+
+
+# -- stopping on a non-finite loss --------------------------------------------------------------------
+def record_nan_stop(save_dir: Path, failed_iteration: int, sampler_state: Dict[str, Any],
+                    rollback: Optional[int]):
+    """Remembers where the data stood at the step that failed, so that resuming from an earlier
+    checkpoint continues with that step's batches rather than replaying the ones that led to it."""
+    storage.atomic_write_text(save_dir / NAN_STOP, json.dumps(
+        {"failed_iteration": failed_iteration, "rollback_checkpoint": rollback,
+         "sampler": sampler_state}, indent=1))
+
+
+def nan_stop_sampler(load_dir: Path, iteration: int) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
+    """(sampler state, failed iteration) recorded by ``record_nan_stop`` in ``load_dir`` when it is
+    later than the checkpoint resumed (``iteration``); (None, None) otherwise."""
+    path = Path(load_dir) / NAN_STOP
+    if not path.exists():
+        return None, None
+    try:
+        record = json.loads(path.read_text())
+        failed = int(record["failed_iteration"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is damaged ({e}); delete it to resume with the checkpoint's own data "
+                         "position") from None
+    if failed <= iteration:
+        return None, None
+    return record["sampler"], failed
+
+
+def clear_nan_stop(save_dir: Path):
+    (Path(save_dir) / NAN_STOP).unlink(missing_ok=True)
+
+
+def rollback_candidates(save_dir: Path, before: int) -> List[Tuple[int, Optional[float]]]:
+    """(iteration, recorded train loss) of the complete checkpoints in ``save_dir`` before iteration
+    ``before``, newest first: the states to go back to after a divergence."""
+    from . import checkpointing
+
+    out = []
+    for iteration in reversed(checkpointing.saved_iterations(save_dir)):
+        directory = checkpointing.iteration_dir(save_dir, iteration)
+        if iteration >= before or checkpointing.incomplete_reason(directory) is not None:
+            continue
+        manifest = checkpointing.read_manifest(directory) or {}
+        loss = manifest.get("train_loss")
+        if manifest.get("parameters_finite", True) and (loss is None or math.isfinite(loss)):
+            out.append((iteration, loss))
+    return out
