@@ -1,13 +1,14 @@
-"""``moma-torchrun``: torchrun (same flags) for ``moma-pretrain`` and ``moma-train-aux-routers`` jobs that
-must survive preemption cleanly.
+"""``moma-torchrun``: torchrun (same flags) for ``moma-pretrain`` jobs that must survive preemption
+cleanly.
 
 torchrun forwards a SIGTERM or SIGINT it receives to the workers, waits ``--shutdown-timeout`` seconds
 (default 30) for them, then kills them and exits with an error, whatever the workers did. With
 ``moma-torchrun`` the workers' answer counts: when they saved a checkpoint on the signal (rank 0 reports
 it in a file whose folder is passed in ``MOMA_SIGNAL_REPORT_DIR``), it exits 0 after SIGTERM (130 after
-SIGINT), so a SLURM job that is requeued on preemption ends cleanly. The default shutdown timeout is 300 s
-here, time for a large checkpoint to be written; ``--shutdown-timeout`` or
-``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` set it.
+SIGINT), so a SLURM job that is requeued on preemption ends cleanly. In a multi-node job the first
+worker of every node reports to its node's launcher. The default shutdown timeout is 300 s here, time
+for a large checkpoint to be written; ``--shutdown-timeout`` or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` set it
+(torch releases from 2026 on; older ones always wait 30 s, and ``moma-torchrun`` says so).
 
     moma-torchrun --nproc-per-node 8 -m moma_plugin.pretrain --config my.yaml
 """
@@ -26,7 +27,8 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = "300"
 
 
 def report_signal_stop(signal_name: str, iteration: int, checkpoint: Optional[str]):
-    """Called by rank 0 of a job under moma-torchrun once it has stopped on a signal."""
+    """Called by the first worker of each node of a job under moma-torchrun once it has stopped on a
+    signal (every rank knows whether the save succeeded)."""
     directory = os.environ.get(REPORT_ENV)
     if not directory:
         return
@@ -48,7 +50,13 @@ def main(argv: Optional[List[str]] = None):
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
 
+    from torch.distributed.launcher.api import LaunchConfig
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "shutdown_timeout" not in getattr(LaunchConfig, "__dataclass_fields__", {}):
+        print("moma-torchrun: warning: this torch's launcher kills the workers 30 s after a signal, "
+              "whatever they are doing; a checkpoint that takes longer to save is lost (newer torch "
+              "waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT)", file=sys.stderr, flush=True)
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_S)
     directory = tempfile.mkdtemp(prefix="moma-torchrun-")
     os.environ[REPORT_ENV] = directory

@@ -29,9 +29,9 @@ def _state(marker: float):
             "moma": {}, "payload": torch.full((4096,), marker)}
 
 
-def _save_killed_at(save: str, kill_at: int, exchange: bool):
-    """Child process: saves iteration 5 again (payload 2.0) and dies (os._exit, as kill -9 would)
-    just before its ``kill_at``-th file-system operation."""
+def _save_killed_at(save: str, kill_at: int, exchange: bool, iteration: int):
+    """Child process: saves ``iteration`` (payload 2.0) over a directory holding iteration 5 and dies
+    (os._exit, as kill -9 would) just before its ``kill_at``-th file-system operation."""
     import moma_plugin
 
     count = {"n": 0}
@@ -56,12 +56,14 @@ def _save_killed_at(save: str, kill_at: int, exchange: bool):
     del moma_plugin
     # The parent's process group (sockets, threads) is not the child's to use: save as one process.
     checkpointing._distributed = lambda: False
-    checkpointing.save_checkpoint(save, 5, _state(2.0), 0, writes=True)
+    checkpointing.save_checkpoint(save, iteration, _state(2.0), 0, writes=True)
     os._exit(0)
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "rename-aside"])
-def test_replacing_a_checkpoint_survives_a_kill_at_any_moment(tmp_path, exchange):
+@pytest.mark.parametrize("iteration, exchange", [(5, True), (5, False), (6, True)],
+                         ids=["replace-by-exchange", "replace-by-rename-aside", "new-iteration"])
+def test_a_kill_at_any_moment_of_a_save_leaves_the_tracker_naming_a_complete_checkpoint(
+        tmp_path, iteration, exchange):
     original = tmp_path / "original"
     checkpointing.save_checkpoint(str(original), 5, _state(1.0), 0, writes=True)
     context = multiprocessing.get_context("fork")
@@ -69,18 +71,23 @@ def test_replacing_a_checkpoint_survives_a_kill_at_any_moment(tmp_path, exchange
     for kill_at in range(1, 80):
         save = tmp_path / f"kill{kill_at}"
         shutil.copytree(original, save)
-        child = context.Process(target=_save_killed_at, args=(str(save), kill_at, exchange))
+        child = context.Process(target=_save_killed_at, args=(str(save), kill_at, exchange, iteration))
         child.start()
         child.join(60)
         if child.is_alive():
             child.kill()
             pytest.fail(f"the saving child hung (kill point {kill_at})")
-        state = checkpointing.load_checkpoint(str(save), 0)  # the tracker names a complete one
-        marker = float(state["payload"][0])
-        assert marker in (1.0, 2.0) and torch.equal(state["payload"], _state(marker)["payload"])
+        found = checkpointing.find_checkpoint(save, 0)
+        # The tracker names a complete checkpoint, as it is (no fallback, no rebuilt tracker): the old
+        # one or the new one.
+        assert not found.tracker_stale and not any("could not be used" in n for n in found.notes), found.notes
+        marker = float(found.state["payload"][0])
+        assert (found.iteration, marker) in ((5, 1.0), (iteration, 2.0)), (kill_at, found.iteration, marker)
+        assert torch.equal(found.state["payload"], _state(marker)["payload"])
         outcomes.append(marker)
-        # and the directory stays usable: the next save publishes, the next load gets it
-        checkpointing.save_checkpoint(str(save), 5, _state(3.0), 0, writes=True)
+        # and the next writer puts the directory right: its save publishes, the next load gets it
+        checkpointing.tidy(save)
+        checkpointing.save_checkpoint(str(save), iteration, _state(3.0), 0, writes=True)
         assert float(checkpointing.load_checkpoint(str(save), 0)["payload"][0]) == 3.0
         if child.exitcode == 0:
             break
@@ -135,7 +142,8 @@ def four_iterations(megatron_single_process, tmp_path):
 def test_a_missing_or_garbled_tracker_is_rebuilt_from_the_newest_checkpoint(four_iterations, capsys,
                                                                             tracker):
     common, save = four_iterations
-    before = {p.name: p.stat().st_mtime_ns for p in save.glob("iter_*/mp_rank_00/*.pt")}
+    before = {p: p.stat().st_mtime_ns for p in save.glob("iter_*/mp_rank_00/*.pt")}
+    assert len(before) == 2
     path = save / checkpointing.TRACKER
     path.unlink()
     if tracker is not None:
@@ -146,8 +154,8 @@ def test_a_missing_or_garbled_tracker_is_rebuilt_from_the_newest_checkpoint(four
     assert f"resumed from {save / 'iter_0000004'} at iteration 4" in out
     assert f"rewrote {path}: iteration 4" in out
     assert checkpointing.read_tracker(save) == 8
-    for name, mtime in before.items():  # iterations 2 and 4 untouched
-        assert (save / name).exists() or mtime
+    for path, mtime in before.items():  # iterations 2 and 4 untouched
+        assert path.stat().st_mtime_ns == mtime, path
 
 
 def _flip_bytes(path: Path, count: int = 16):
@@ -225,24 +233,36 @@ def test_a_signal_after_the_last_iteration_still_ends_with_the_final_checkpoint(
     assert "Traceback" not in proc.stderr
 
 
-def test_sigterm_to_moma_torchrun_exits_0_after_the_workers_saved(tmp_path):
+def test_sigterm_to_moma_torchrun_exits_0_after_the_workers_saved_on_every_node(tmp_path):
+    """Two launchers (two "nodes" of one worker each, c10d rendezvous on this host), as SLURM starts
+    them: SIGTERM to both, as preemption does; each exits 0 once its node's worker reports the save."""
+    from .conftest import free_port
+
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
     launcher = Path(sys.executable).parent / "moma-torchrun"
-    proc = subprocess.Popen([str(launcher), "--nproc-per-node", "2", "-m", "moma_plugin.pretrain", *FAST,
-                             "--micro-batch-size", "2", "--train-iters", "100000",
-                             "--run-dir", str(run_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test"]
+    command = ["-m", "moma_plugin.pretrain", *FAST, "--micro-batch-size", "2", "--train-iters", "100000",
+               "--run-dir", str(run_dir)]
+    nodes = [subprocess.Popen([str(launcher), *rendezvous, "--node-rank", str(rank), *command], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
     try:
-        _wait_for(proc, "iteration      2/")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=180)
+        _wait_for(nodes[0], "iteration      2/")
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
     finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-3000:]
+        for node in nodes:
+            node.kill()
     saved = checkpointing.read_tracker(run_dir / "checkpoints")
     assert saved is not None and saved >= 2
-    assert f"the workers stopped on SIGTERM after saving iteration {saved}" in out
+    for node, out in zip(nodes, outputs):
+        assert node.returncode == 0, out[-3000:]
+        assert f"the workers stopped on SIGTERM after saving iteration {saved}" in out
 
 
 # -- 6. the held-out split is checked before training; the checkpoint is saved before evaluating -------
@@ -396,6 +416,22 @@ def test_keep_last_deletes_old_checkpoints_but_never_the_newest(megatron_single_
                    "--run-dir", str(tmp_path)])
     assert checkpointing.saved_iterations(tmp_path / "checkpoints") == [5, 6]
     assert checkpointing.read_tracker(tmp_path / "checkpoints") == 6
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(megatron_single_process, tmp_path,
+                                                                 capsys):
+    """Rolling back with --ckpt-step: the checkpoints of the abandoned future are kept under another
+    name, so that neither --keep-last nor a fallback ever mixes them with the new branch."""
+    common = [*FAST, "--train-iters", "6", "--save-interval", "2", "--keep-last", "2",
+              "--run-dir", str(tmp_path)]
+    loop.pretrain(common)
+    save = tmp_path / "checkpoints"
+    assert checkpointing.saved_iterations(save) == [4, 6]
+    resumed = loop.pretrain([*common, "--ckpt-step", "4", "--save-interval", "1"])
+    assert sorted(resumed.train_losses) == [5, 6]
+    assert "moved the checkpoints newer than iteration 4 aside" in capsys.readouterr().out
+    assert checkpointing.saved_iterations(save) == [5, 6]  # --keep-last 2 of the new branch
+    assert len(list(save.glob("iter_0000006.abandoned-*"))) == 1
 
 
 def test_the_lock_without_flock_takes_over_only_a_dead_local_holder(tmp_path, monkeypatch):

@@ -116,9 +116,9 @@ def test_a_killed_preprocess_never_leaves_old_and_new_files_mixed(tmp_path):
             pytest.fail(f"the preprocessing child hung (kill point {kill_at})")
         try:
             text = _first_text(prefix)
-        except (FileNotFoundError, ValueError) as e:  # refused, with a message, never mixed
-            assert "moma-preprocess" in str(e), e
-            seen.add("refused")
+        except FileNotFoundError as e:  # no dataset at the prefix (its vocabulary not yet in), never mixed
+            assert "run moma-preprocess again" in str(e) or "no dataset at prefix" in str(e), e
+            seen.add("none")
         else:
             assert text in ("apple orchard 0 apple orchard", "zebra quartz 0 zebra quartz"), text
             seen.add(text.split()[0])

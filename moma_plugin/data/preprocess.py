@@ -323,25 +323,33 @@ def _remove_prefix(prefix: Path):
 
 
 def publish_dataset(staging: Path, prefix: Path):
-    """Moves a dataset written under ``staging`` to ``prefix``: the old vocabulary JSON goes first
-    (until the new one is in, no dataset is at ``prefix``: ``dataset_exists`` is False), the new one
-    last; every file is fsynced before its rename."""
-    old_vocab = Path(f"{prefix}.vocab.json")
-    old_vocab.unlink(missing_ok=True)
-    storage.fsync_path(prefix.parent)
-    for suffix in _DATA_SUFFIXES:
-        source = Path(f"{staging}{suffix}")
-        if source.exists():
-            storage.fsync_path(source)
-            os.replace(source, f"{prefix}{suffix}")
+    """Moves a dataset written under ``staging`` to ``prefix``. Everything is flushed to disk first;
+    then the old vocabulary JSON goes (until the new one is in, no dataset is at ``prefix``:
+    ``dataset_exists`` is False), the data files and tokenizers move in, and the new vocabulary JSON
+    comes last."""
+    staged = [Path(f"{staging}{suffix}") for suffix in (*_DATA_SUFFIXES, ".vocab.json")]
+    for path in staged:
+        if path.exists():
+            storage.fsync_path(path)
     tokenizers = Path(f"{staging}.tokenizers")
     if tokenizers.exists():
-        storage.replace_dir(tokenizers, Path(f"{prefix}.tokenizers"))
-    else:
-        _remove_path(Path(f"{prefix}.tokenizers"))  # saved tokenizers were given: drop stale ones
-    storage.fsync_path(f"{staging}.vocab.json")
-    os.replace(f"{staging}.vocab.json", old_vocab)
-    storage.fsync_path(prefix.parent)
+        storage.fsync_tree(tokenizers)
+    try:
+        old_vocab = Path(f"{prefix}.vocab.json")
+        old_vocab.unlink(missing_ok=True)
+        storage.fsync_path(prefix.parent)
+        for suffix in _DATA_SUFFIXES:
+            source = Path(f"{staging}{suffix}")
+            if source.exists():
+                os.replace(source, f"{prefix}{suffix}")
+        if tokenizers.exists():
+            storage.replace_dir(tokenizers, Path(f"{prefix}.tokenizers"))
+        os.replace(f"{staging}.vocab.json", old_vocab)
+        storage.fsync_path(prefix.parent)
+    except OSError as e:
+        what = storage.disk_full_message(prefix.parent) if storage.is_disk_full(e) else str(e)
+        raise UsageError(f"{what} while replacing the dataset at {prefix}: it is incomplete now (no "
+                         f"{prefix}.vocab.json, so nothing uses it); run moma-preprocess again") from None
 
 
 def _progress(total: int, quiet: bool):

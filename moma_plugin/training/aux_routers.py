@@ -145,7 +145,7 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
                                 eval_iters=options.eval_iters, aux_router_joint=False)
     parallel = setup_parallel(args)
     with ExitStack() as stack:
-        lock_directories(stack, [options.save], parallel, TOOL)
+        lock_directories(stack, [options.save], parallel, TOOL, checkpoints=options.save)
         return _train(options, args, parallel)
 
 

@@ -41,7 +41,7 @@ from ..cli import UsageError
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
-_ITERATION_DIR = re.compile(r"iter_(\d{7})")
+_ITERATION_DIR = re.compile(r"iter_(\d{7,})")
 # Arguments that must match between a checkpoint and the run that loads it: they shape the model.
 ARCHITECTURE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -87,20 +87,64 @@ def write_tracker(save, iteration: int):
 
 
 def saved_iterations(save) -> List[int]:
-    """Iterations of the ``iter_XXXXXXX`` directories under ``save`` (complete or not), ascending."""
+    """Iterations of the ``iter_XXXXXXX`` directories under ``save`` (complete or not), ascending; an
+    ``iter_X.replaced`` left by a publish interrupted between its two renames counts for ``iter_X``
+    when that is missing. Reads only: putting things right is ``tidy``'s (the lock holder's) job."""
     save = Path(save)
     if not save.is_dir():
         return []
     found = []
     for entry in save.iterdir():
-        match = _ITERATION_DIR.fullmatch(entry.name)
+        name = entry.name[: -len(storage.REPLACED_SUFFIX)] if entry.name.endswith(storage.REPLACED_SUFFIX) \
+            else entry.name
+        match = _ITERATION_DIR.fullmatch(name)
         if match and entry.is_dir():
             found.append(int(match.group(1)))
-        elif entry.name.endswith(storage.REPLACED_SUFFIX):  # a publish interrupted between renames
-            base = entry.name[: -len(storage.REPLACED_SUFFIX)]
-            if _ITERATION_DIR.fullmatch(base) and storage.recover_replaced(save / base):
-                found.append(int(base[5:]))
     return sorted(set(found))
+
+
+def checkpoint_dir(save, iteration: int) -> Path:
+    """Where iteration ``iteration`` lies: ``iter_X``, or ``iter_X.replaced`` while a publish that was
+    interrupted between its renames has not been put right (``tidy``)."""
+    final = iteration_dir(save, iteration)
+    aside = final.with_name(final.name + storage.REPLACED_SUFFIX)
+    return aside if not final.exists() and aside.is_dir() else final
+
+
+def tidy(save) -> List[str]:
+    """What a killed writer left in ``save``, put right by the next writer (rank 0, holding the
+    directory's lock): an interrupted publish's ``iter_X.replaced`` back in place, and staging
+    (``iter_X.tmp``) and deletion (``.iter_X.deleting-PID``) leftovers removed. Returns notes."""
+    save = Path(save)
+    if not save.is_dir():
+        return []
+    notes = []
+    for entry in sorted(save.iterdir()):
+        if entry.name.endswith(storage.REPLACED_SUFFIX) and entry.is_dir():
+            final = entry.with_name(entry.name[: -len(storage.REPLACED_SUFFIX)])
+            if storage.recover_replaced(final):
+                notes.append(f"put back {final.name} (a save of it was interrupted between its renames)")
+        elif (entry.name.endswith(".tmp") and _ITERATION_DIR.fullmatch(entry.name[:-4])) or \
+                (entry.name.startswith(".iter_") and ".deleting-" in entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+            notes.append(f"removed {entry.name}, left by an interrupted save or deletion")
+    return notes
+
+
+def set_aside_newer(save, iteration: int) -> List[str]:
+    """Renames the checkpoints in ``save`` newer than ``iteration`` (the one a run resumes from) to
+    ``iter_X.abandoned-<time>``: the future of another branch of the run, kept for the user, never
+    loaded, replaced or pruned by this one. Returns their new names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for newer in (i for i in saved_iterations(save) if i > iteration):
+        source = checkpoint_dir(save, newer)
+        target = iteration_dir(save, newer).with_name(f"{iteration_dir(save, newer).name}.abandoned-{stamp}")
+        os.replace(source, target)
+        moved.append(target.name)
+    if moved:
+        storage.fsync_path(save)
+    return moved
 
 
 def read_manifest(directory: Path) -> Optional[Dict[str, Any]]:
@@ -128,30 +172,35 @@ def incomplete_reason(directory: Path) -> Optional[str]:
         return None if rank_file(directory, 0).exists() else f"{rank_file(directory, 0)} is missing"
     for name, entry in manifest["files"].items():
         path = directory / name
-        if not path.exists():
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
             return f"{path} is missing"
-        if path.stat().st_size != entry["bytes"]:
-            return (f"{path} has {path.stat().st_size:,} bytes, the manifest says "
-                    f"{entry['bytes']:,} (truncated)")
+        if size != entry["bytes"]:
+            return f"{path} has {size:,} bytes, the manifest says {entry['bytes']:,} (truncated)"
     return None
 
 
 def damage_reason(directory: Path, tp_rank: int) -> Optional[str]:
     """Why this TP rank's file of the checkpoint does not match its manifest checksum, or None."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
     path = rank_file(directory, tp_rank)
-    if not path.exists():
-        return f"{path} is missing"
-    if manifest is None:
-        return None
-    entry = manifest["files"].get(str(path.relative_to(directory)))
-    if entry is None:
-        return f"{path} is not listed in {directory / MANIFEST}"
-    if path.stat().st_size != entry["bytes"]:
-        return f"{path} has {path.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
-    if storage.sha256_file(path) != entry["sha256"]:
-        return f"{path} does not match its SHA-256 in {directory / MANIFEST} (damaged on disk)"
+    try:
+        manifest = read_manifest(directory)
+        if manifest is None:
+            return None if path.exists() else f"{path} is missing"
+        entry = manifest["files"].get(str(path.relative_to(directory)))
+        if entry is None:
+            return f"{path} is not listed in {directory / MANIFEST}"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{path} has {size:,} bytes, the manifest says {entry['bytes']:,}"
+        if storage.sha256_file(path) != entry["sha256"]:
+            return f"{path} does not match its SHA-256 in {directory / MANIFEST} (damaged on disk)"
+    except CheckpointError as e:
+        return str(e)
+    except FileNotFoundError:
+        return f"{path} is missing (or vanished while read: is another job writing {directory.parent}?)"
     return None
 
 
@@ -226,14 +275,16 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
         if error is None and _rank() == 0:
             try:
                 _publish(save, iteration, staging, [r for r in records if r], state, summary)
-                if keep_last:
-                    prune(save, keep_last)
             except OSError as e:
                 error = _failure(f"publishing iteration {iteration}", final, e)
+            else:
+                error = _track(save, iteration, keep_last)
         error = _from_rank0(error)
     if error is not None:
         if _rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
+        if error.startswith(str(iteration_dir(save, iteration))):  # published; only the tracker failed
+            raise CheckpointError(error)
         try:
             newest = read_tracker(save)
         except CheckpointError:
@@ -243,6 +294,23 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
         raise CheckpointError(f"{error}. Iteration {iteration} was not saved; {kept}. Free space (or "
                               "keep fewer checkpoints with --keep-last N) and run the same command again.")
     return final
+
+
+def _track(save, iteration: int, keep_last: Optional[int]) -> Optional[str]:
+    """After publishing: the tracker, then --keep-last pruning (a failure there only warns)."""
+    try:
+        write_tracker(save, iteration)
+    except OSError as e:
+        return (f"{iteration_dir(save, iteration)} is complete, but {Path(save) / TRACKER} could not be "
+                f"updated ({storage.disk_full_message(save) if storage.is_disk_full(e) else e}); the next "
+                "start finds it anyway (it rebuilds the tracker)")
+    if keep_last:
+        try:
+            prune(save, keep_last)
+        except OSError as e:
+            print(f"warning: --keep-last {keep_last}: could not delete old checkpoints in {save} ({e})",
+                  flush=True)
+    return None
 
 
 def _publish(save, iteration: int, staging: Path, records, state, summary):
@@ -255,14 +323,14 @@ def _publish(save, iteration: int, staging: Path, records, state, summary):
         f.flush()
         os.fsync(f.fileno())
     storage.replace_dir(staging, iteration_dir(save, iteration))
-    write_tracker(save, iteration)
 
 
 def prune(save, keep_last: int) -> List[int]:
-    """Deletes all but the newest ``keep_last`` complete checkpoints (never the tracked one); returns
-    the iterations deleted."""
+    """Deletes all but the newest ``keep_last`` complete checkpoints up to the tracked one (never the
+    tracked one, never one newer than it); returns the iterations deleted."""
     tracked = read_tracker(save)
-    complete = [i for i in saved_iterations(save) if incomplete_reason(iteration_dir(save, i)) is None]
+    complete = [i for i in saved_iterations(save) if tracked is not None and i <= tracked
+                and incomplete_reason(iteration_dir(save, i)) is None]
     doomed = [i for i in complete[:-keep_last] if i != tracked] if keep_last > 0 else []
     for iteration in doomed:
         storage.remove_dir(iteration_dir(save, iteration))
@@ -335,12 +403,12 @@ def find_checkpoint(load, tp_rank: int, iteration: Optional[int] = None,
         if newer:
             notes.append(f"{load} holds iteration(s) {newer} newer than the tracker's {tracked} (a run "
                          "stopped between saving and updating the tracker, or a deliberate rollback); "
-                         f"resuming from {tracked} as the tracker says, and later saves replace those")
+                         f"using {tracked}, as the tracker says")
         older = sorted((i for i in existing if tracked is None or i < tracked), reverse=True)
         candidates = ([tracked] if tracked is not None else []) + older
     failures: List[str] = []
     for candidate in candidates:
-        directory = iteration_dir(load, candidate)
+        directory = checkpoint_dir(load, candidate)
         reason = incomplete_reason(directory)
         state = None
         if reason is None:
@@ -381,14 +449,14 @@ def read_checkpoint_args(load, iteration: Optional[int] = None) -> Tuple[int, Di
             found_iteration = read_tracker(load)
         except CheckpointError:
             found_iteration = None
-        complete = [i for i in saved_iterations(load) if incomplete_reason(iteration_dir(load, i)) is None]
+        complete = [i for i in saved_iterations(load) if incomplete_reason(checkpoint_dir(load, i)) is None]
         if found_iteration is None or found_iteration not in complete:
             if not complete:
                 raise CheckpointError(f"--load {load}: no complete checkpoint there (no {TRACKER} or "
                                       "iter_* directory with its files); point --load at a --save "
                                       "directory of moma-pretrain")
             found_iteration = found_iteration if found_iteration in complete else complete[-1]
-    directory = iteration_dir(load, found_iteration)
+    directory = checkpoint_dir(load, found_iteration)
     manifest = read_manifest(directory) if directory.exists() else None
     if manifest is not None:
         return found_iteration, manifest["args"]

@@ -51,6 +51,8 @@ def setup_parallel(args) -> Parallel:
     from megatron.core import parallel_state
 
     tp = args.tensor_model_parallel_size
+    if torch.cuda.is_available():  # before the process group: NCCL binds to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not torch.distributed.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -68,11 +70,8 @@ def setup_parallel(args) -> Parallel:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
     return Parallel(rank=rank, world=world, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                     tp=tp, dp_rank=parallel_state.get_data_parallel_rank(),
                     dp=parallel_state.get_data_parallel_world_size(), device=device,
@@ -96,9 +95,16 @@ def load_datasets(args, parallel: Parallel):
     other ranks wait)."""
     items = data_path_items(args)
     if any(item in BUNDLED for item in items):
-        if parallel.is_first:
-            resolve_data_path(items)
-        torch.distributed.barrier()
+        error = None
+        if parallel.is_first:  # built once; a failure is every rank's
+            try:
+                resolve_data_path(items)
+            except (OSError, ValueError) as e:
+                error = f"cannot build the bundled datasets: {e}"
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if shared[0] is not None:
+            raise UsageError(shared[0])
     try:
         return build_datasets(resolve_data_path(items), args.seq_length, args.valid_fraction, args.seed)
     except (FileNotFoundError, ValueError) as e:

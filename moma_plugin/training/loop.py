@@ -20,6 +20,7 @@ checkpoint or a message saying why there is none (docs/TRAINING.md, "Checkpoints
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -45,6 +46,7 @@ from ..cli import UsageError, run_tool
 from ..flops import training_flops_per_token
 from ..launch import report_signal_stop
 from ..metrics import collect_routing_metrics
+from ..storage import disk_full_message, is_disk_full
 from . import checkpointing, resume
 from .arguments import args_for_checkpoint, batch_sizes, parse_args
 from .initialize import (
@@ -261,8 +263,10 @@ def run_directories(args):
     return run_dir, save_dir
 
 
-def lock_directories(stack: ExitStack, directories, parallel: Parallel, tool: str = TOOL):
-    """Rank 0 locks every directory for the life of ``stack``; every rank raises if one is held."""
+def lock_directories(stack: ExitStack, directories, parallel: Parallel, tool: str = TOOL,
+                     checkpoints=None):
+    """Rank 0 locks every directory for the life of ``stack`` and tidies ``checkpoints`` (what a killed
+    writer left there: ``checkpointing.tidy``); every rank raises if a lock is held or cannot be taken."""
     error, notes = None, []
     if parallel.is_first:
         try:
@@ -270,8 +274,15 @@ def lock_directories(stack: ExitStack, directories, parallel: Parallel, tool: st
                 lock = stack.enter_context(DirectoryLock(directory, tool))
                 if lock.note:
                     notes.append(lock.note)
+            if checkpoints is not None:
+                notes += checkpointing.tidy(checkpoints)
         except UsageError as e:
             error = e.message
+        except OSError as e:  # a full disk, a file where a directory should be, no permission, ...
+            where = e.filename or directory
+            error = (f"cannot lock {where}: {disk_full_message(where)}" if is_disk_full(e) else
+                     f"cannot lock {where} ({e.strerror or e}); give a --save / --run-dir this job "
+                     "can write to")
     shared = [error]
     torch.distributed.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
@@ -362,7 +373,8 @@ class PretrainJob:
         resume.apply_optimizer_values(self.optimizer, args)
         self.scheduler = build_scheduler(self.optimizer, args)
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
-        sampler_state, failed = resume.nan_stop_sampler(self.save_dir or load_dir, iteration)
+        sampler_state, failed = resume.nan_stop_sampler(self.save_dir, load_dir, iteration,
+                                                        args_for_checkpoint(args))
         self.sampler.load_state_dict(sampler_state or state["moma"]["sampler"])
         if failed is not None:
             self.say(f"note: the run stopped on a non-finite loss at iteration {failed}: the data "
@@ -376,6 +388,7 @@ class PretrainJob:
         self.loaded_from = load_dir
         if same_dir:
             self.last_saved = (iteration, found.directory)
+            self.set_aside_newer(iteration)
         elif has_checkpoints(self.save_dir):
             held = checkpointing.saved_iterations(self.save_dir)
             self.say(f"note: --save {self.save_dir} already holds iteration(s) {held}; this run's saves "
@@ -383,6 +396,18 @@ class PretrainJob:
         self.say(f"resumed from {found.directory} at iteration {iteration} "
                  f"({self.consumed_tokens:,} tokens seen)")
         return True
+
+    def set_aside_newer(self, iteration: int):
+        """Checkpoints newer than the one resumed belong to another branch of the run: moved aside
+        (kept), so that no save, fallback or --keep-last mixes them with this branch's."""
+        moved = None
+        if self.parallel.is_first:
+            moved = checkpointing.set_aside_newer(self.save_dir, iteration)
+        shared = [moved]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if shared[0]:
+            self.say(f"note: moved the checkpoints newer than iteration {iteration} aside, kept as "
+                     f"{', '.join(shared[0])} in {self.save_dir}; delete them when no longer needed")
 
     def describe(self):
         args, parallel = self.args, self.parallel
@@ -495,7 +520,7 @@ class PretrainJob:
         result.iteration = self.iteration
         if result.status == "completed":
             self.finish(result)
-        if result.status == "signal" and self.parallel.is_first:
+        if result.status == "signal" and os.environ.get("LOCAL_RANK", "0") == "0":  # one per node
             report_signal_stop(result.signal, self.iteration,
                                str(result.checkpoint) if result.checkpoint else None)
         self.writer.close()
@@ -545,7 +570,8 @@ class PretrainJob:
                  + f", grad norm {grad_norm}). The step was not applied, and the weights since the last "
                  "checkpoint were not saved: they may be diverging already."]
         if candidates:
-            resume.record_nan_stop(self.save_dir, failed, sampler_state, candidates[0][0])
+            resume.record_nan_stop(self.save_dir, failed, sampler_state, candidates[0][0],
+                                   args_for_checkpoint(self.args))
             listed = ", ".join(f"iteration {i}" + (f" (train loss {loss:.4f})" if loss is not None else "")
                                for i, loss in candidates[:4])
             lines.append(
@@ -618,7 +644,8 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
     seed_everything(args.seed)
     run_dir, save_dir = run_directories(args)
     with ExitStack() as stack:
-        lock_directories(stack, [run_dir] + ([save_dir] if save_dir else []), parallel)
+        lock_directories(stack, [run_dir] + ([save_dir] if save_dir else []), parallel,
+                         checkpoints=save_dir)
         stop = stack.enter_context(StopRequest(TOOL, announce=parallel.is_first))
         job = PretrainJob(args, parallel, run_dir, save_dir, num_micro, stop)
         job.prepare()

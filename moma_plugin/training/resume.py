@@ -84,28 +84,40 @@ def apply_optimizer_values(optimizer, args):
 
 
 # -- stopping on a non-finite loss --------------------------------------------------------------------
+def _data_flags(args: Dict[str, Any]) -> Dict[str, Any]:
+    from .checkpointing import DATA_ARGS
+
+    return {name: args.get(name) for name in DATA_ARGS}
+
+
 def record_nan_stop(save_dir: Path, failed_iteration: int, sampler_state: Dict[str, Any],
-                    rollback: Optional[int]):
+                    rollback: Optional[int], args: Dict[str, Any]):
     """Remembers where the data stood at the step that failed, so that resuming from an earlier
-    checkpoint continues with that step's batches rather than replaying the ones that led to it."""
+    checkpoint of this directory continues with that step's batches rather than replaying the ones
+    that led to it. ``args``: the run's flags (their data flags must match on resume)."""
     storage.atomic_write_text(save_dir / NAN_STOP, json.dumps(
         {"failed_iteration": failed_iteration, "rollback_checkpoint": rollback,
-         "sampler": sampler_state}, indent=1))
+         "data": _data_flags(args), "sampler": sampler_state}, indent=1))
 
 
-def nan_stop_sampler(load_dir: Path, iteration: int) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
-    """(sampler state, failed iteration) recorded by ``record_nan_stop`` in ``load_dir`` when it is
-    later than the checkpoint resumed (``iteration``); (None, None) otherwise."""
-    path = Path(load_dir) / NAN_STOP
+def nan_stop_sampler(save_dir: Optional[Path], load_dir: Path, iteration: int, args: Dict[str, Any]
+                     ) -> Tuple[Optional[Dict[str, Any]], Optional[int]]:
+    """(sampler state, failed iteration) recorded by ``record_nan_stop`` when the run resumes from its
+    own --save (``load_dir`` is ``save_dir``), from a checkpoint before the failure, with the same data
+    flags; (None, None) otherwise."""
+    if save_dir is None or Path(load_dir).resolve() != Path(save_dir).resolve():
+        return None, None
+    path = Path(save_dir) / NAN_STOP
     if not path.exists():
         return None, None
     try:
         record = json.loads(path.read_text())
         failed = int(record["failed_iteration"])
+        data = record["data"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is damaged ({e}); delete it to resume with the checkpoint's own data "
                          "position") from None
-    if failed <= iteration:
+    if failed <= iteration or data != _data_flags(args):
         return None, None
     return record["sampler"], failed
 
@@ -121,7 +133,7 @@ def rollback_candidates(save_dir: Path, before: int) -> List[Tuple[int, Optional
 
     out = []
     for iteration in reversed(checkpointing.saved_iterations(save_dir)):
-        directory = checkpointing.iteration_dir(save_dir, iteration)
+        directory = checkpointing.checkpoint_dir(save_dir, iteration)
         if iteration >= before or checkpointing.incomplete_reason(directory) is not None:
             continue
         manifest = checkpointing.read_manifest(directory) or {}
