@@ -128,12 +128,15 @@ def load_run(path) -> Run:
             raise FileNotFoundError(f"{path} is not a run directory: {p.name} is missing; pass the "
                                     f"directory the training job wrote run.json and metrics.jsonl into.")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}); fix or rewrite it.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a {type(meta).__name__}, not the run's description; "
+                         "fix or rewrite it.")
 
     latest: Dict[Tuple[str, int], dict] = {}
-    with open(metrics_path) as f:
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:  # a bad byte spoils one line
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -359,12 +362,15 @@ def main(argv=None) -> int:
             baseline = None
         summary = summarize(runs, baseline, args.source, args.smooth)
         out = plot_runs(runs, args.output, args.source, args.smooth)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"moma-compare: error: {e}\n")
+    except OSError as e:
+        parser.exit(2, f"moma-compare: error: cannot write {e.filename or args.output} ({e.strerror})\n")
     print(format_table(summary))
     print(f"plot: {out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"json: {args.json}")
     return 0
 

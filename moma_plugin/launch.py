@@ -26,9 +26,10 @@ REPORT_ENV = "MOMA_SIGNAL_REPORT_DIR"
 DEFAULT_SHUTDOWN_TIMEOUT_S = "300"
 
 
-def report_signal_stop(signal_name: str, iteration: int, checkpoint: Optional[str]):
-    """Called by the first worker of each node of a job under moma-torchrun once it has stopped on a
-    signal (every rank knows whether the save succeeded)."""
+def report_signal_stop(signal_name: Optional[str], iteration: int, checkpoint: Optional[str]):
+    """Called by the first worker of each node of a job under moma-torchrun when its run ends (on a
+    signal or not: a signal can also reach the launcher after the workers' final save), with the
+    checkpoint it ended with (every rank knows whether the save succeeded)."""
     directory = os.environ.get(REPORT_ENV)
     if not directory:
         return
@@ -48,9 +49,8 @@ def _reports(directory: str) -> List[dict]:
 
 def main(argv: Optional[List[str]] = None):
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import parse_args, run
-
     from torch.distributed.launcher.api import LaunchConfig
+    from torch.distributed.run import main as torchrun
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if "shutdown_timeout" not in getattr(LaunchConfig, "__dataclass_fields__", {}):
@@ -61,14 +61,14 @@ def main(argv: Optional[List[str]] = None):
     directory = tempfile.mkdtemp(prefix="moma-torchrun-")
     os.environ[REPORT_ENV] = directory
     try:
-        run(parse_args(argv))
+        torchrun(argv)
     except SignalException as e:
         name = signal.Signals(e.sigval).name
-        reports = _reports(directory)
-        if reports and reports[0]["checkpoint"]:
-            report = reports[0]
-            print(f"moma-torchrun: the workers stopped on {name} after saving iteration "
-                  f"{report['iteration']} to {report['checkpoint']}", file=sys.stderr, flush=True)
+        saved = [report for report in _reports(directory) if report.get("checkpoint")]
+        if saved:
+            report = saved[0]
+            print(f"moma-torchrun: the workers stopped on {name} with iteration {report['iteration']} "
+                  f"saved in {report['checkpoint']}", file=sys.stderr, flush=True)
             raise SystemExit(130 if name == "SIGINT" else 0) from None
         print(f"moma-torchrun: stopped by {name}; the workers reported no checkpoint saved on it",
               file=sys.stderr, flush=True)

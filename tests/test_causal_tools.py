@@ -67,7 +67,7 @@ def test_stage_two_beats_all_zeros_and_saves_a_causal_checkpoint(pretrained, tmp
                 assert not torch.equal(value, saved["model"][key]), key
         else:
             assert torch.equal(value, saved["model"][key]), key
-    assert json.loads((tmp_path / "aux_routers.json").read_text())["train_iters"] == 40
+    assert json.loads((Path(report["checkpoint_saved"]) / "aux_routers.json").read_text())["train_iters"] == 40
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in records if r["kind"] == "aux_train"] == [20, 40]
     assert "aux/layer0/text/mod_precision" in records[0] and "aux/layer1/image/experts_recall" in records[1]

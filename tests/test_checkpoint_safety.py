@@ -204,8 +204,9 @@ def test_a_rank_file_missing_for_another_tensor_parallel_size_says_so(four_itera
 SIGNAL_DURING = """
 import os, signal, sys
 from moma_plugin.training import checkpointing, loop
+import torch
 where, name = sys.argv[1], sys.argv[2]
-owner = checkpointing if where == "save_checkpoint" else loop
+owner = {"save_checkpoint": checkpointing, "destroy_process_group": torch.distributed}.get(where, loop)
 real = getattr(owner, where)
 def with_signal(*args, **kwargs):
     os.kill(os.getpid(), getattr(signal, name))
@@ -217,7 +218,8 @@ loop.main(sys.argv[3:])
 
 @pytest.mark.parametrize("where, name, status", [
     ("save_checkpoint", "SIGTERM", 0), ("evaluate", "SIGTERM", 0), ("_plot", "SIGTERM", 0),
-    ("evaluate", "SIGINT", 130),
+    ("evaluate", "SIGINT", 130), ("_plot", "SIGINT", 130),
+    ("destroy_process_group", "SIGTERM", 0), ("destroy_process_group", "SIGINT", 130),  # the teardown
 ])
 def test_a_signal_after_the_last_iteration_still_ends_with_the_final_checkpoint(tmp_path, where, name,
                                                                                status):
@@ -229,8 +231,20 @@ def test_a_signal_after_the_last_iteration_still_ends_with_the_final_checkpoint(
     assert proc.returncode == status, proc.stderr[-3000:]
     assert checkpointing.read_tracker(run_dir / "checkpoints") == 3
     assert checkpointing.load_checkpoint(str(run_dir / "checkpoints"), 0)["iteration"] == 3
-    assert f"received {name}" in proc.stderr + proc.stdout
+    if where != "destroy_process_group":  # during the teardown it is only remembered
+        assert f"received {name}" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_a_sigterm_during_the_set_up_stops_before_the_first_step(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING, "setup_parallel", "SIGTERM", *FAST,
+                           "--train-iters", "3", "--run-dir", str(run_dir)], cwd=REPO,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "received SIGTERM before the first step: nothing new to save" in proc.stdout
+    assert "iteration      1/" not in proc.stdout
 
 
 def test_sigterm_to_moma_torchrun_exits_0_after_the_workers_saved_on_every_node(tmp_path):
@@ -262,7 +276,7 @@ def test_sigterm_to_moma_torchrun_exits_0_after_the_workers_saved_on_every_node(
     assert saved is not None and saved >= 2
     for node, out in zip(nodes, outputs):
         assert node.returncode == 0, out[-3000:]
-        assert f"the workers stopped on SIGTERM after saving iteration {saved}" in out
+        assert f"the workers stopped on SIGTERM with iteration {saved} saved in" in out
 
 
 # -- 6. the held-out split is checked before training; the checkpoint is saved before evaluating -------
@@ -459,3 +473,62 @@ def test_the_lock_without_flock_takes_over_only_a_dead_local_holder(tmp_path, mo
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "another-node", "pid": 1}))
     with pytest.raises(SystemExit, match=f"cannot be checked; if that run is not running, delete {tmp_path}"):
         DirectoryLock(tmp_path, "moma-pretrain").acquire()
+
+
+def test_a_deleted_manifest_does_not_turn_verification_off(four_iterations, capsys):
+    """A checkpoint written with a manifest and found without one cannot be verified: the newest one
+    that can is taken (only checkpoints from before manifests load unverified)."""
+    common, save = four_iterations
+    (save / "iter_0000004" / "manifest.json").unlink()
+    _flip_bytes(save / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt")
+    result = loop.pretrain(common)
+    out = capsys.readouterr().out
+    assert "iter_0000004/manifest.json is missing (it was written with this checkpoint)" in out
+    assert sorted(result.train_losses) == [3, 4, 5, 6, 7, 8]
+
+
+def test_a_manifest_that_disagrees_with_its_checkpoint_is_damaged(four_iterations):
+    _, save = four_iterations
+    manifest = save / "iter_0000004" / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["args"]["ffn_hidden_size"] += 1
+    manifest.write_text(json.dumps(record))
+    found = checkpointing.find_checkpoint(save, 0)
+    assert found.iteration == 2 and any("disagrees with" in note for note in found.notes)
+
+
+def _fake_checkpoint(save: Path, iteration: int, norm):
+    directory = checkpointing.iteration_dir(save, iteration)
+    (directory / "mp_rank_00").mkdir(parents=True)
+    (directory / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"x")
+    (directory / "manifest.json").write_text(json.dumps({
+        "files": {"mp_rank_00/model_optim_rng.pt": {"bytes": 1, "sha256": "0"}}, "args": {},
+        "parameter_norm": norm, "parameters_finite": norm == norm and norm != float("inf")}))
+
+
+def test_the_rollback_skips_checkpoints_whose_weights_had_diverged_already(tmp_path):
+    from moma_plugin.training.resume import rollback_candidates
+
+    for iteration, norm in ((100, 40.0), (200, 55.0), (300, 70.0), (400, 3.0e4), (500, 80.0)):
+        _fake_checkpoint(tmp_path, iteration, norm)
+    # 400 jumped by orders of magnitude: it and everything after it are left out
+    assert rollback_candidates(tmp_path, 600) == [(300, 70.0), (200, 55.0), (100, 40.0)]
+    assert rollback_candidates(tmp_path, 250) == [(200, 55.0), (100, 40.0)]
+
+
+def test_resuming_refuses_data_that_changed_since_the_checkpoint(megatron_single_process, tmp_path):
+    from moma_plugin.data.preprocess import main as preprocess
+
+    from .test_data_safety import _corpus
+
+    source = _corpus(tmp_path / "corpus", "apple orchard", 120)
+    prefix = tmp_path / "data" / "ds"
+    preprocess(["--input", str(source), "--output-prefix", str(prefix), "--quiet", "--codebook-size", "16"])
+    common = [*FAST, "--train-iters", "4", "--data-path", str(prefix), "--valid-fraction", "0.3",
+              "--no-balanced-sampler", "--run-dir", str(tmp_path / "run")]
+    loop.pretrain([*common, "--exit-interval", "2"])
+    # the same prefix preprocessed again: same vocabulary size, other image codes
+    preprocess(["--input", str(source), "--output-prefix", str(prefix), "--quiet", "--codebook-size", "16",
+                "--seed", "99"])
+    with pytest.raises(SystemExit, match=f"the data of --data-path {prefix} changed since"):
+        loop.pretrain(common)

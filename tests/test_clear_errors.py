@@ -135,6 +135,63 @@ def _setup(case: str, world: Path, tmp: Path):
                 "resume with other data": ["--data-path", str(data()), "--valid-fraction", "0.3",
                                            "--no-balanced-sampler"]}[case]
         return loop.main, [*FAST, "--train-iters", "4", "--run-dir", str(save.parent), *flag]
+    if case == "tracker with a non-ASCII digit":
+        save = ckpt()
+        (save / "latest_checkpointed_iteration.txt").write_text("\u00b2")
+        shutil.rmtree(save / "iter_0000002")
+        return pt("--load", str(save))
+    if case in ("empty manifest", "manifest that is a list"):
+        save = ckpt()
+        (save / "iter_0000002" / "manifest.json").write_text("{}" if case == "empty manifest" else "[]")
+        return pt("--load", str(save))
+    if case == "damaged files record in the vocabulary":
+        prefix = data()
+        _edit_json(Path(f"{prefix}.vocab.json"), lambda v: v["files"].update({".bin": {}}))
+        return pt("--data-path", str(prefix))
+    if case == "non-finite --data-path weight":
+        return pt("--data-path", "nan", "bundled:interleaved", "1", "bundled:text")
+    if case == "a run directory that is a file":
+        (tmp / "afile").write_text("x")
+        return loop.main, [*FAST, "--run-dir", str(tmp / "afile")]
+    if case == "--ckpt-step without a checkpoint":
+        return pt("--ckpt-step", "3")
+    if case in ("--config that is a directory", "--config in latin-1", "--config with a mapping value"):
+        config = tmp / "c.yaml"
+        if case.endswith("directory"):
+            config.mkdir()
+        elif case.endswith("latin-1"):
+            config.write_bytes("name: caf\xe9\n".encode("latin-1"))
+        else:
+            config.write_text("hidden-size: {a: 1}\n")
+        return loop.main, ["--config", str(config), "--no-save"]
+    if case in ("JSON nested too deeply", "an integer of 5,000 digits", "text and image in one segment",
+                "too few images for the codebook"):
+        source = tmp / "docs.jsonl"
+        line = {"JSON nested too deeply": "[" * 100000,
+                "an integer of 5,000 digits": '{"segments": [{"text": "a"}], "n": ' + "9" * 5000 + "}",
+                "text and image in one segment": '{"segments": [{"text": "both", "image": "x.png"}]}',
+                "too few images for the codebook": ""}[case]
+        shutil.copy(world / "corpus" / "d0.png", tmp / "d0.png")
+        source.write_text('{"segments": [{"text": "fine"}, {"image": "d0.png"}]}\n' + line + "\n")
+        return pre("--input", str(source), "--output-prefix", str(tmp / "out"), "--quiet")
+    if case == "moma-generate --output-dir that is a file":
+        (tmp / "afile").write_text("x")
+        return generate.main, ["--load", str(ckpt()), "--output-dir", str(tmp / "afile")]
+    if case == "moma-compare on a run.json that is a list":
+        from moma_plugin import compare
+
+        (tmp / "r").mkdir()
+        (tmp / "r" / "run.json").write_text("[]")
+        (tmp / "r" / "metrics.jsonl").write_text("")
+        return compare.main, [str(tmp / "r"), "--output", str(tmp / "c.png")]
+    if case == "a blend of datasets with other tokenizers":
+        prefix = data()
+        from .test_data_safety import _corpus
+
+        preprocess.run(["--input", str(_corpus(tmp / "o", "zebra", 30)), "--output-prefix",
+                        str(tmp / "other" / "ds"), "--quiet", "--codebook-size", "16", "--seed", "7",
+                        "--text-tokenizer", f"{prefix}.tokenizers/text"])
+        return pt("--data-path", "1", str(prefix), "1", str(tmp / "other" / "ds"))
     if case == "moma-generate on untrained aux routers":
         return generate.main, ["--load", str(ckpt()), "--output-dir", str(tmp / "gen")]
     if case == "moma-generate without a checkpoint":
@@ -167,6 +224,28 @@ CASES = [
      "moma-pretrain"),
     ("resume with other data", "--data-path: checkpoint None, now", "moma-pretrain"),
     ("moma-generate on untrained aux routers", "moma-train-aux-routers", "moma-generate"),
+    ("tracker with a non-ASCII digit", "holds '\u00b2', not an iteration number", "moma-pretrain"),
+    ("empty manifest", "manifest.json is damaged (not a checkpoint manifest", "moma-pretrain"),
+    ("manifest that is a list", "manifest.json is damaged (not a checkpoint manifest", "moma-pretrain"),
+    ("damaged files record in the vocabulary", "its 'files' record is damaged", "moma-pretrain"),
+    ("non-finite --data-path weight", "weight 'nan' (before 'bundled:interleaved') must be a positive finite",
+     "moma-pretrain"),
+    ("a run directory that is a file", "afile is a file, not a directory", "moma-pretrain"),
+    ("--ckpt-step without a checkpoint", "--ckpt-step 3 needs a checkpoint to resume", "moma-pretrain"),
+    ("--config that is a directory", "c.yaml is a directory; give a YAML file", "moma-pretrain"),
+    ("--config in latin-1", "c.yaml is not UTF-8 text", "moma-pretrain"),
+    ("--config with a mapping value", "hidden-size takes a single value or a list, not a mapping",
+     "moma-pretrain"),
+    ("JSON nested too deeply", "docs.jsonl:2: JSON nested too deeply to read", "moma-preprocess"),
+    ("an integer of 5,000 digits", "docs.jsonl:2: not valid JSON (Exceeds the limit", "moma-preprocess"),
+    ("text and image in one segment", "docs.jsonl:2: segment 1 has both text and image", "moma-preprocess"),
+    ("too few images for the codebook", "16 patches cannot fit a codebook of 256", "moma-preprocess"),
+    ("moma-generate --output-dir that is a file", "(Not a directory)",
+     "moma-generate"),
+    ("moma-compare on a run.json that is a list", "run.json holds a list, not the run's description",
+     "moma-compare"),
+    ("a blend of datasets with other tokenizers", "blends datasets written with different tokenizers",
+     "moma-pretrain"),
     ("moma-generate without a checkpoint", "nothing: no complete checkpoint there", "moma-generate"),
     ("moma-train-aux-routers without a checkpoint", "nothing: no complete checkpoint there",
      "moma-train-aux-routers"),
@@ -214,6 +293,9 @@ FLAG_CASES = [
     (["--lr", "inf"], "--lr must be a positive number"),
     (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must lie in [0, 1)"),
     (["--keep-last", "0"], "--keep-last must be at least 1"),
+    (["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
+    (["--global-batch-size", "-4"], "--global-batch-size must be at least 1"),
+    (["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size 0: only 1 is supported"),
     (["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], "exclude each other"),
     # the MoMa flag is reported, not the warm-up check it would explain
     (["--moma-experts", "4q4i", "--lr-warmup-iters", "500", "--train-iters", "10"], "--moma-experts:"),
@@ -247,6 +329,34 @@ def test_bad_generation_flags_name_the_flag(flags, message, capsys):
         generate.main(["--load", "somewhere", *flags])
     err = capsys.readouterr().err
     assert "moma-generate: error: " in err and message in err and "moma-pretrain" not in err, err
+
+
+PREPROCESS_FLAGS = [
+    (["--codebook-size", "0"], "--codebook-size must lie in [1, 65536]"),
+    (["--patch-size", "0"], "--patch-size must divide --image-size 16"),
+    (["--patch-size", "5"], "--patch-size must divide --image-size 16"),
+    (["--image-size", "0"], "--image-size must lie in [1, 1024]"),
+    (["--image-size", "100000"], "--image-size must lie in [1, 1024]"),
+    (["--text-vocab-size", "-1"], "--text-vocab-size must lie in [1, 1048576]"),
+    (["--seed", "-1"], "--seed must lie in [0, 2**32)"),
+    (["--workers", "0"], "--workers must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("flags, message", PREPROCESS_FLAGS, ids=[" ".join(f[0]) for f in PREPROCESS_FLAGS])
+def test_bad_preprocessing_flags_name_the_flag(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        preprocess.main(["--input", str(REPO / "examples/data/docs.jsonl"), "--output-prefix",
+                         str(tmp_path / "ds"), *flags])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert "moma-preprocess: error: " in err and message in err, err
+
+
+def test_an_empty_output_prefix_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        preprocess.main(["--input", str(REPO / "examples/data/docs.jsonl"), "--output-prefix", ""])
+    assert "--output-prefix '' names no file prefix" in capsys.readouterr().err
 
 
 def test_tensor_parallelism_without_torchrun_prints_the_torchrun_command(tmp_path):

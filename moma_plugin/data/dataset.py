@@ -15,6 +15,7 @@ sampled checksum, ``storage.sampled_sha256``), and the .idx must describe exactl
 holds. A set that does not match is refused with the file named.
 """
 
+import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
@@ -73,6 +74,27 @@ def file_records(prefix: Union[str, Path]) -> Dict[str, Dict[str, object]]:
                 record["sampled_sha256"] = storage.sampled_sha256(path)
             records[name] = record
     return records
+
+
+def dataset_fingerprint(prefix: Union[str, Path]) -> str:
+    """A digest of a dataset's tokens and vocabulary (not of its path): what a checkpoint's data
+    position refers to. From the checksums its vocabulary JSON records; for datasets without them, read
+    from the .idx and a sample of the .bin."""
+    import hashlib
+
+    records = VocabularyLayout.load_files(f"{prefix}.vocab.json")
+    parts = [json_key(VocabularyLayout.load(f"{prefix}.vocab.json"))]
+    for suffix in (".bin", ".idx"):
+        record = records.get(suffix)
+        parts.append(record["sha256"] if record else
+                     storage.sampled_sha256(f"{prefix}{suffix}") if suffix == ".bin" else
+                     storage.sha256_file(f"{prefix}{suffix}"))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _tokenizer_records(prefix) -> Dict[str, str]:
+    return {name: record["sha256"] for name, record in
+            VocabularyLayout.load_files(f"{prefix}.vocab.json").items() if name.startswith(".tokenizers/")}
 
 
 def check_dataset_files(prefix: Union[str, Path]) -> None:
@@ -289,16 +311,24 @@ def parse_data_path(items: Sequence[str]) -> List[tuple]:
     pairs = []
     for weight, prefix in zip(items[::2], items[1::2]):
         try:
-            pairs.append((float(weight), prefix))
+            value = float(weight)
         except ValueError:
-            raise ValueError(f"--data-path weight {weight!r} (before {prefix!r}) is not a number")
+            raise ValueError(f"--data-path weight {weight!r} (before {prefix!r}) is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--data-path weight {weight!r} (before {prefix!r}) must be a positive "
+                             "finite number")
+        pairs.append((value, prefix))
     return pairs
 
 
 def json_key(layout: VocabularyLayout) -> str:
+    return json_key_of(layout.to_json())
+
+
+def json_key_of(value) -> str:
     import json
 
-    return json.dumps(layout.to_json(), sort_keys=True)
+    return json.dumps(value, sort_keys=True)
 
 
 def build_datasets(data_path: Sequence[str], seq_length: int, valid_fraction: float = 0.05,
@@ -311,6 +341,12 @@ def build_datasets(data_path: Sequence[str], seq_length: int, valid_fraction: fl
     if len({json_key(layout) for layout in layouts.values()}) > 1:
         raise ValueError("--data-path blends datasets of different vocabularies ("
                          + ", ".join(f"{p}: {layout.vocab_size} ids" for p, layout in layouts.items())
+                         + "); preprocess them with the same tokenizers (moma-preprocess "
+                         "--text-tokenizer DIR --image-tokenizer DIR)")
+    tokenizers = {prefix: _tokenizer_records(prefix) for prefix in layouts}
+    if len({json_key_of(t) for t in tokenizers.values() if t}) > 1:
+        raise ValueError("--data-path blends datasets written with different tokenizers (the same ids "
+                         "mean other text or image patches in each: " + ", ".join(tokenizers)
                          + "); preprocess them with the same tokenizers (moma-preprocess "
                          "--text-tokenizer DIR --image-tokenizer DIR)")
     splits = {}

@@ -102,11 +102,18 @@ def parse_line(text: str, line: int, source: Path, notes: Optional[Counter] = No
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise BadDocument(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
+    except RecursionError:
+        raise BadDocument(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as error:  # e.g. an integer of thousands of digits
+        raise BadDocument(f"{where}: not valid JSON ({error})") from None
     segments = record.get("segments") if isinstance(record, dict) else record
     if not isinstance(segments, list):
         raise BadDocument(f'{where}: expected {{"segments": [...]}} or a list of segments')
     parsed = []
     for number, segment in enumerate(segments, start=1):
+        if isinstance(segment, dict) and "text" in segment and "image" in segment:
+            raise BadDocument(f"{where}: segment {number} has both text and image; give each its own "
+                              "segment")
         if isinstance(segment, dict) and isinstance(segment.get("text"), str):
             _check_text(segment["text"], where, number)
             if segment["text"]:
@@ -230,11 +237,21 @@ def _build_tokenizers(args, documents: List[Document], tokenizer_dir: Path):
         if not images:
             raise UsageError("no images in the input to fit an image tokenizer on: pass "
                              "--image-tokenizer DIR (a saved one) or add images")
-        image = PatchKMeansTokenizer.fit(images, image_size=args.image_size,
-                                         patch_size=args.patch_size,
-                                         codebook_size=args.codebook_size, seed=args.seed)
-    text.save(tokenizer_dir / "text")
-    image.save(tokenizer_dir / "image")
+        try:
+            image = PatchKMeansTokenizer.fit(images, image_size=args.image_size,
+                                             patch_size=args.patch_size,
+                                             codebook_size=args.codebook_size, seed=args.seed)
+        except ValueError as e:
+            raise UsageError(f"{e} (--codebook-size {args.codebook_size}; or pass a saved "
+                             "--image-tokenizer DIR)") from None
+    try:
+        text.save(tokenizer_dir / "text")
+        image.save(tokenizer_dir / "image")
+    except Exception as e:  # the tokenizers library reports a full disk as a bare Exception
+        if storage.is_disk_full(e) or "No space left" in str(e) or \
+                shutil.disk_usage(tokenizer_dir.parent).free < 1 << 20:
+            raise OSError(28, "No space left on device", str(tokenizer_dir)) from None
+        raise
     return text, image
 
 
@@ -264,9 +281,10 @@ def preprocess(args) -> dict:
         encoder = DocumentEncoder(text_tokenizer, image_tokenizer, layout)
         encode_start = time.time()
         progress = _progress(len(documents), args.quiet)
-        if args.workers > 1:
+        workers = min(args.workers, len(documents), os.cpu_count() or 1)
+        if workers > 1:
             context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-            with context.Pool(args.workers, initializer=_init_worker, initargs=(encoder,)) as pool:
+            with context.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
                 encoded = list(progress(pool.imap(_encode_in_worker, documents, chunksize=16)))
         else:
             encoded = list(progress(map(encoder, documents)))
@@ -302,7 +320,10 @@ _DATA_SUFFIXES = (".bin", ".idx", ".counts.npy", ".summary.json")
 
 
 def _staging_prefix(prefix: Path) -> Path:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-prefix {prefix}: cannot create {prefix.parent} ({e.strerror})") from None
     for old in prefix.parent.glob(f".{prefix.name}.partial-*"):  # left by killed runs
         pid = old.name.split(".partial-")[-1].split(".")[0]
         if pid.isdigit() and not storage.pid_alive(int(pid)):
@@ -386,10 +407,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+MAX_IMAGE_SIZE = 1024  # pixels a side; an image becomes (image_size / patch_size)**2 tokens
+
+
+def _check(args, parser):
     if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        parser.error(f"--image-size must lie in [1, {MAX_IMAGE_SIZE}], got {args.image_size}")
+    if not (1 <= args.patch_size <= args.image_size and args.image_size % args.patch_size == 0):
+        parser.error(f"--patch-size must divide --image-size {args.image_size}, got {args.patch_size}")
+    if not 1 <= args.codebook_size <= 65536:
+        parser.error(f"--codebook-size must lie in [1, 65536], got {args.codebook_size}")
+    if not 1 <= args.text_vocab_size <= 1 << 20:
+        parser.error(f"--text-vocab-size must lie in [1, {1 << 20}], got {args.text_vocab_size}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must lie in [0, 2**32), got {args.seed}")
+    prefix = Path(args.output_prefix)
+    if not prefix.name or args.output_prefix.endswith(("/", os.sep)):
+        parser.error(f"--output-prefix {args.output_prefix!r} names no file prefix; give e.g. data/docs")
+
+
+def run(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(args, parser)
     if args.builtin:
         from .corpus import build_builtin_datasets
 

@@ -142,6 +142,9 @@ class VocabularyLayout:
     def load_files(cls, path: Union[str, Path]) -> Dict[str, dict]:
         """The ``files`` a vocabulary JSON records ({} for files written without them)."""
         files = cls._read(path).get("files", {})
-        if not isinstance(files, dict):
-            raise ValueError(f"{path}: 'files' must map file names to sizes and checksums")
+        if not isinstance(files, dict) or not all(
+                isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+                for r in files.values()):
+            raise ValueError(f"{path}: its 'files' record is damaged (each file needs its bytes and "
+                             "sha256); run moma-preprocess again")
         return files

@@ -142,10 +142,17 @@ def _flag_actions(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]
 def _yaml_to_argv(path: str, parser: argparse.ArgumentParser) -> List[str]:
     """A YAML file's mapping as command-line tokens, so argparse checks and converts its values."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f)
     except FileNotFoundError:
         raise SystemExit(f"moma-pretrain: error: --config {path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"moma-pretrain: error: --config {path} is a directory; give a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"moma-pretrain: error: --config {path} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
+    except OSError as e:
+        raise SystemExit(f"moma-pretrain: error: --config {path} cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise SystemExit(f"moma-pretrain: error: --config {path} is not valid YAML: {e}") from None
     if values is None:
@@ -184,6 +191,12 @@ def _yaml_to_argv(path: str, parser: argparse.ArgumentParser) -> List[str]:
         elif isinstance(value, list):
             argv.extend([flag, ",".join(str(v) for v in value)])
         elif isinstance(value, dict):
+            pairs_ok = dest == "moma_vocab_ranges" and all(
+                isinstance(v, (list, tuple)) and len(v) == 2 for v in value.values())
+            if not pairs_ok:
+                raise SystemExit(f"moma-pretrain: error: --config {path}: {key} takes "
+                                 + ("a mapping of modality: [start, end]" if dest == "moma_vocab_ranges"
+                                    else "a single value or a list, not a mapping"))
             text = ",".join(f"{k}:{v[0]}:{v[1]}" for k, v in value.items())
             argv.extend([flag, text])
         else:
@@ -337,8 +350,10 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         fail(f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length "
              f"{args.seq_length}")
     if args.pipeline_model_parallel_size != 1:
-        fail("--pipeline-model-parallel-size > 1 is not supported by moma-pretrain yet (Megatron's "
-             "pipeline schedules need CUDA); use tensor or data parallelism")
+        fail(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: only 1 is supported by "
+             "moma-pretrain yet (Megatron's pipeline schedules need CUDA); use tensor or data parallelism")
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        fail(f"--global-batch-size must be at least 1, got {args.global_batch_size}")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each "
              "other; pass one")

@@ -7,7 +7,7 @@ Logs the aux loss and accuracy (every router's accuracy, precision and recall pe
 accuracy, precision and recall of every aux router per layer and modality, and the held-out loss per modality with ``train`` routing
 (expert choice over the batch) and ``causal`` routing (aux routers decide). Saves a checkpoint in the
 same format, same iteration, with the trained routers (optimizer and data state kept, so
-``moma-pretrain --load`` can continue from it) and ``aux_routers.json`` beside it.
+``moma-pretrain --load`` can continue from it) and ``aux_routers.json`` inside it (published with it).
 
     moma-train-aux-routers --load runs/x/checkpoints --save runs/x/checkpoints-aux
 """
@@ -31,7 +31,6 @@ from ..aux_router import (
     set_aux_router_training,
 )
 from ..cli import HelpFormatter, UsageError, run_tool
-from ..storage import atomic_write_text
 from . import checkpointing
 from .from_checkpoint import args_from_checkpoint, build_from_checkpoint, checkpoint_args, load_state
 from .initialize import build_sampler, load_datasets, seed_everything, setup_parallel
@@ -233,9 +232,9 @@ def _train(options, args, parallel) -> Dict[str, object]:
     state["model"] = model.state_dict()
     state["moma"] = dict(state["moma"], aux_routers=report)
     saved = checkpointing.save_checkpoint(options.save, state["iteration"], state, parallel.tp_rank,
-                                          writes=parallel.dp_rank == 0)
+                                          writes=parallel.dp_rank == 0,
+                                          extra_files={"aux_routers.json": json.dumps(report, indent=1)})
     if first:
-        atomic_write_text(Path(options.save, "aux_routers.json"), json.dumps(report, indent=1))
         print("held-out aux-router accuracy against expert choice (P precision, R recall):")
         for line in per_layer_table(held_out, layout.modalities):
             print("  " + line)
@@ -245,7 +244,7 @@ def _train(options, args, parallel) -> Dict[str, object]:
             print(f"held-out loss, {name} routing: " + ", ".join(
                 f"{m} {values[f'loss_{m}']:.4f}" for m in layout.modalities)
                 + f"; overall {values['loss']:.4f}")
-        print(f"checkpoint: {saved}\nreport: {Path(options.save, 'aux_routers.json')}", flush=True)
+        print(f"checkpoint: {saved}\nreport: {saved / 'aux_routers.json'}", flush=True)
     report["checkpoint_saved"] = str(saved)
     return report
 

@@ -73,11 +73,13 @@ def read_tracker(load) -> Optional[int]:
     tracker = Path(load) / TRACKER
     if not tracker.exists():
         return None
+    if tracker.is_dir():
+        raise CheckpointError(f"{tracker} is a directory, not a tracker file; remove it")
     try:
         text = tracker.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{tracker} cannot be read ({e})") from None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise CheckpointError(f"{tracker} holds {text[:40]!r}, not an iteration number")
     return int(text)
 
@@ -128,6 +130,8 @@ def tidy(save) -> List[str]:
                 (entry.name.startswith(".iter_") and ".deleting-" in entry.name):
             shutil.rmtree(entry, ignore_errors=True)
             notes.append(f"removed {entry.name}, left by an interrupted save or deletion")
+        elif entry.name.startswith(f".{TRACKER}.tmp-") and entry.is_file():
+            entry.unlink(missing_ok=True)
     return notes
 
 
@@ -153,9 +157,17 @@ def read_manifest(directory: Path) -> Optional[Dict[str, Any]]:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is damaged ({e})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+            and isinstance(entry.get("sha256"), str) for entry in files.values()) \
+            or not isinstance(manifest.get("args", {}), dict):
+        raise CheckpointError(f"{path} is damaged (not a checkpoint manifest: no list of files with "
+                              "their sizes and checksums)")
+    return manifest
 
 
 def incomplete_reason(directory: Path) -> Optional[str]:
@@ -176,6 +188,8 @@ def incomplete_reason(directory: Path) -> Optional[str]:
             size = path.stat().st_size
         except FileNotFoundError:
             return f"{path} is missing"
+        if path.is_dir():
+            return f"{path} is a directory, not a file"
         if size != entry["bytes"]:
             return f"{path} has {size:,} bytes, the manifest says {entry['bytes']:,} (truncated)"
     return None
@@ -246,12 +260,15 @@ def _failure(what: str, path: Path, error: BaseException) -> str:
 
 
 def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, writes: bool,
-                    summary: Optional[Dict[str, Any]] = None, keep_last: Optional[int] = None) -> Path:
+                    summary: Optional[Dict[str, Any]] = None, keep_last: Optional[int] = None,
+                    extra_files: Optional[Dict[str, str]] = None) -> Path:
     """Writes this rank's ``state`` (if ``writes``: the first data-parallel rank of each TP rank) and
-    publishes the checkpoint with its manifest (``summary``: extra fields for it, e.g. the loss).
-    Every rank must call it. Raises CheckpointError on every rank when any rank's write failed; the
-    previous checkpoints and the tracker are then untouched. ``keep_last``: delete all but the newest
-    that many checkpoints afterwards."""
+    publishes the checkpoint with its manifest (``summary``: extra fields for it, e.g. the loss;
+    ``extra_files``: {name: text} published inside the checkpoint directory with it). Every rank must
+    call it. Raises CheckpointError on every rank when any rank's write failed; the previous
+    checkpoints and the tracker are then untouched. ``keep_last``: delete all but the newest that many
+    checkpoints afterwards."""
+    state = dict(state, moma=dict(state.get("moma", {}), has_manifest=True))
     final = iteration_dir(save, iteration)
     staging = final.with_name(final.name + ".tmp")
     error = None
@@ -274,6 +291,8 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
         error = errors[0] if errors else None
         if error is None and _rank() == 0:
             try:
+                for name, text in (extra_files or {}).items():
+                    (staging / name).write_text(text)
                 _publish(save, iteration, staging, [r for r in records if r], state, summary)
             except OSError as e:
                 error = _failure(f"publishing iteration {iteration}", final, e)
@@ -291,8 +310,9 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
             newest = None
         kept = f"the newest complete checkpoint (iteration {newest}) is untouched" if newest is not None \
             else "no earlier checkpoint exists"
-        raise CheckpointError(f"{error}. Iteration {iteration} was not saved; {kept}. Free space (or "
-                              "keep fewer checkpoints with --keep-last N) and run the same command again.")
+        raise CheckpointError(f"{error}. Iteration {iteration} was not saved; {kept}. Free space (moma-"
+                              "pretrain's --keep-last N keeps fewer checkpoints) and run the same command "
+                              "again.")
     return final
 
 
@@ -363,6 +383,14 @@ def _load_rank_state(directory: Path, tp_rank: int) -> Tuple[Optional[Dict[str, 
         version = state.get("checkpoint_version") if isinstance(state, dict) else None
         return None, (f"{path} is not a moma-pretrain checkpoint (version {version}); it cannot be "
                       "resumed exactly")
+    if state["moma"].get("has_manifest") and read_manifest(directory) is None:
+        return None, (f"{directory / MANIFEST} is missing (it was written with this checkpoint), so "
+                      f"{path} cannot be verified")
+    manifest = read_manifest(directory)
+    if manifest is not None and any(
+            _normalize(manifest["args"].get(name)) != _normalize(state.get("args", {}).get(name))
+            for name in ARCHITECTURE_ARGS if name in manifest["args"]):
+        return None, f"{directory / MANIFEST} disagrees with {path} about the model's flags (damaged)"
     return state, None
 
 
@@ -521,7 +549,14 @@ def load_model_state(model: torch.nn.Module, state_dict: Dict[str, Any]) -> List
     """Loads model weights strictly, except that auxiliary-router weights may be missing (checkpoints
     written before aux routers existed): those keep their fresh, untrained values. Returns the names of
     the aux-router tensors that were missing."""
-    result = model.load_state_dict(state_dict, strict=False)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shapes differ: e.g. another vocabulary (the data's), another width
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:2]
+        raise CheckpointError(
+            "the checkpoint's weights do not fit this model (" + "; ".join(shapes or [str(e)[:200]])
+            + "): was it trained on other data (another vocabulary: pass the --data-path it was trained "
+            "on) or with other flags?") from None
     aux_missing = [k for k in result.missing_keys if "aux_router" in k]
     other_missing = [k for k in result.missing_keys if "aux_router" not in k]
     if other_missing or result.unexpected_keys:

@@ -154,8 +154,8 @@ def _check(options, parser):
         parser.error(f"--aux-threshold must lie in (0, 1), got {options.aux_threshold}")
     if not 0 <= options.seed < 2 ** 32:
         parser.error(f"--seed must lie in [0, 2**32), got {options.seed}")
-    if options.png_size < 1:
-        parser.error(f"--png-size must be at least 1, got {options.png_size}")
+    if not 1 <= options.png_size <= 4096:
+        parser.error(f"--png-size must lie in [1, 4096], got {options.png_size}")
 
 
 def new_output_dir(root: Path) -> Path:
@@ -167,8 +167,12 @@ def new_output_dir(root: Path) -> Path:
             path.mkdir(parents=True)
             return path
         except FileExistsError:
+            if root.exists() and not root.is_dir():
+                break
             continue
-    raise UsageError(f"cannot create a new output directory under {root}")
+        except OSError as e:
+            raise UsageError(f"--output-dir {root}: cannot create {path} ({e.strerror})") from None
+    raise UsageError(f"--output-dir {root}: cannot create a new output directory there (is it a file?)")
 
 
 def run(argv: Optional[List[str]] = None) -> Dict:
@@ -184,6 +188,7 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     parallel = setup_parallel(args)
     if parallel.world != 1:
         raise UsageError("generation runs in one process (TP 1); launch it without torchrun")
+    output = new_output_dir(Path(options.output_dir))  # before the work: a bad --output-dir fails fast
     state = load_state(options.load, parallel).state
     seed_everything(options.seed)
     model, config, layout = build_from_checkpoint(state, args, parallel)
@@ -207,7 +212,6 @@ def run(argv: Optional[List[str]] = None) -> Dict:
         other = once(not options.kv_cache)
         speeds["recompute" if options.kv_cache else "kv_cache"] = other.tokens_per_s
         agree = other.tokens == result.tokens
-    output = new_output_dir(Path(options.output_dir))
     outputs = []
     for index, (prompt, ids, new) in enumerate(zip(prompts, prompt_ids, result.tokens)):
         rendered = render(ids + new, text_tokenizer, image_tokenizer, layout, output / f"sample{index}",

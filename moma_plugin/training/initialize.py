@@ -94,6 +94,12 @@ def load_datasets(args, parallel: Parallel):
     """(train, held-out) datasets of ``--data-path`` (bundled ones built once, by rank 0, while the
     other ranks wait)."""
     items = data_path_items(args)
+    from ..data.dataset import parse_data_path
+
+    try:
+        parse_data_path(items)  # the weights, before any dataset is built
+    except ValueError as e:
+        raise UsageError(f"{e}") from None
     if any(item in BUNDLED for item in items):
         error = None
         if parallel.is_first:  # built once; a failure is every rank's
@@ -109,6 +115,17 @@ def load_datasets(args, parallel: Parallel):
         return build_datasets(resolve_data_path(items), args.seq_length, args.valid_fraction, args.seed)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"{e}") from None
+
+
+def data_fingerprint(args) -> str:
+    """One digest of every dataset of --data-path (tokens and vocabulary, not paths) with its weight."""
+    import hashlib
+
+    from ..data.dataset import dataset_fingerprint, parse_data_path
+
+    pairs = parse_data_path(resolve_data_path(data_path_items(args)))
+    text = "\n".join(f"{weight}:{dataset_fingerprint(prefix)}" for weight, prefix in pairs)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_vocab_ranges(args, layout, items):

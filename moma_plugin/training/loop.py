@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -46,7 +47,7 @@ from ..cli import UsageError, run_tool
 from ..flops import training_flops_per_token
 from ..launch import report_signal_stop
 from ..metrics import collect_routing_metrics
-from ..storage import disk_full_message, is_disk_full
+from ..storage import atomic_write_text, disk_full_message, is_disk_full
 from . import checkpointing, resume
 from .arguments import args_for_checkpoint, batch_sizes, parse_args
 from .initialize import (
@@ -58,6 +59,7 @@ from .initialize import (
     build_scheduler,
     check_vocab_ranges,
     count_parameters,
+    data_fingerprint,
     data_path_items,
     load_datasets,
     seed_everything,
@@ -279,8 +281,10 @@ def lock_directories(stack: ExitStack, directories, parallel: Parallel, tool: st
         except UsageError as e:
             error = e.message
         except OSError as e:  # a full disk, a file where a directory should be, no permission, ...
-            where = e.filename or directory
+            where = Path(e.filename or directory)
             error = (f"cannot lock {where}: {disk_full_message(where)}" if is_disk_full(e) else
+                     f"{where} is a file, not a directory; give --save / --run-dir a directory"
+                     if where.exists() and not where.is_dir() else
                      f"cannot lock {where} ({e.strerror or e}); give a --save / --run-dir this job "
                      "can write to")
     shared = [error]
@@ -296,9 +300,14 @@ def has_checkpoints(directory) -> bool:
                                       or bool(checkpointing.saved_iterations(directory)))
 
 
-def parameters_finite(model, parallel: Parallel) -> bool:
-    local = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    return not any_rank(not local, parallel)
+def parameter_norm(model, parallel: Parallel) -> float:
+    """The global L2 norm of the weights (TP shards summed, replicated weights counted once); NaN or
+    inf when a weight is not finite. A checkpoint records it: a diverged one shows in it."""
+    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
+    for p in model.parameters():
+        squares[0 if getattr(p, "tensor_model_parallel", False) else 1] += p.detach().double().pow(2).sum()
+    torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
+    return float(squares.sum().sqrt())
 
 
 class PretrainJob:
@@ -326,6 +335,7 @@ class PretrainJob:
             raise UsageError(f"the data holds modalities {layout.modalities} but --moma-modalities is "
                              f"{','.join(args.moma_modalities)}; make them equal")
         check_vocab_ranges(args, layout, data_path_items(args))
+        self.data_fingerprint = data_fingerprint(args)
         held_out_batches(self.valid_set, args, parallel)  # too small for one step: say so now
         token_counts(self.valid_set)  # token ids outside the vocabulary: say so now, not at evaluation
         self.model, config = build_model(args, layout, parallel)
@@ -347,6 +357,9 @@ class PretrainJob:
         args, parallel = self.args, self.parallel
         load_dir = Path(args.load) if args.load else self.save_dir if has_checkpoints(self.save_dir) else None
         if load_dir is None:
+            if args.ckpt_step is not None:
+                raise UsageError(f"--ckpt-step {args.ckpt_step} needs a checkpoint to resume: pass "
+                                 "--load DIR, or a --save that holds one")
             return True
         found = checkpointing.find_checkpoint(load_dir, parallel.tp_rank, args.ckpt_step, parallel.tp)
         for note in found.notes:
@@ -357,6 +370,12 @@ class PretrainJob:
             self.say(f"note: rewrote {load_dir / checkpointing.TRACKER}: iteration {found.iteration}")
         state = found.state
         checkpointing.check_compatible(state["args"], args)
+        saved_data = state["moma"].get("data_fingerprint")
+        if saved_data is not None and saved_data != self.data_fingerprint:
+            raise UsageError(f"the data of --data-path {' '.join(data_path_items(args))} changed since "
+                             f"{found.directory} was written (its tokens or vocabulary differ: "
+                             "preprocessed again?), so the checkpoint's data position would mean other "
+                             "samples; resume with the data it was trained on, or start a new --save")
         iteration = state["iteration"]
         if iteration >= args.train_iters:
             self.say(f"{TOOL}: the run in {load_dir} is finished: its checkpoint is at iteration "
@@ -377,9 +396,12 @@ class PretrainJob:
                                                         args_for_checkpoint(args))
         self.sampler.load_state_dict(sampler_state or state["moma"]["sampler"])
         if failed is not None:
+            skipped = (f"skipping the batches of iterations {iteration + 1}-{failed - 1}"
+                       if failed - 1 > iteration + 1 else f"skipping the batch of iteration {iteration + 1}"
+                       if failed - 1 == iteration + 1 else "no batch skipped")
             self.say(f"note: the run stopped on a non-finite loss at iteration {failed}: the data "
-                     f"continues from that step, skipping iterations {iteration + 1}-{failed - 1}'s "
-                     f"batches (recorded in {resume.NAN_STOP}; delete it to replay them)")
+                     f"continues from that step's batch, {skipped} (recorded in {resume.NAN_STOP}; "
+                     "delete it to replay them)")
         checkpointing.set_rng_state(state["rng_state"])
         self.iteration = iteration
         self.consumed_tokens = state["moma"]["consumed_tokens"]
@@ -409,6 +431,15 @@ class PretrainJob:
             self.say(f"note: moved the checkpoints newer than iteration {iteration} aside, kept as "
                      f"{', '.join(shared[0])} in {self.save_dir}; delete them when no longer needed")
 
+    def stopped_before_training(self) -> RunResult:
+        checkpoint = self.last_saved[1] if self.last_saved else None
+        self.say(f"received {self.stop.signal} before the first step: nothing new to save"
+                 + (f"; the newest checkpoint is {checkpoint}" if checkpoint else ""))
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            report_signal_stop(self.stop.signal, self.iteration, str(checkpoint) if checkpoint else None)
+        self.writer.close()
+        return RunResult("signal", self.iteration, self.run_dir, checkpoint, signal=self.stop.signal)
+
     def describe(self):
         args, parallel = self.args, self.parallel
         self.name = args.name or self.run_dir.name
@@ -420,7 +451,7 @@ class PretrainJob:
                   "modalities": list(self.layout.modalities), "flops_per_token": self.flops_per_token,
                   "num_parameters": self.num_parameters, "tokens_per_iteration": self.tokens_per_iteration,
                   "args": args_for_checkpoint(args)}
-        self.writer._guard(lambda: (self.run_dir / "run.json").write_text(json.dumps(record, indent=1)))
+        self.writer._guard(lambda: atomic_write_text(self.run_dir / "run.json", json.dumps(record, indent=1)))
         self.say(f"{TOOL} {args.moma_experts}: {self.num_parameters / 1e6:.2f}M parameters, "
                  f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
                  f"(TP {parallel.tp} x DP {parallel.dp}) on {parallel.device.type}; {len(self.train_set)} "
@@ -450,10 +481,11 @@ class PretrainJob:
             "rng_state": checkpointing.rng_state(),
             "num_floating_point_operations_so_far": self.flops_so_far,
             "moma": {"sampler": self.sampler.state_dict(), "consumed_tokens": self.consumed_tokens,
-                     "train_seconds": self.train_seconds},
+                     "train_seconds": self.train_seconds, "data_fingerprint": self.data_fingerprint},
         }
+        norm = parameter_norm(self.model, self.parallel)
         summary = {"train_loss": self.last_loss, "tokens": self.consumed_tokens,
-                   "parameters_finite": parameters_finite(self.model, self.parallel)}
+                   "parameter_norm": norm, "parameters_finite": math.isfinite(norm)}
         path = checkpointing.save_checkpoint(str(self.save_dir), at, state, self.parallel.tp_rank,
                                              writes=self.parallel.dp_rank == 0, summary=summary,
                                              keep_last=args.keep_last)
@@ -520,8 +552,8 @@ class PretrainJob:
         result.iteration = self.iteration
         if result.status == "completed":
             self.finish(result)
-        if result.status == "signal" and os.environ.get("LOCAL_RANK", "0") == "0":  # one per node
-            report_signal_stop(result.signal, self.iteration,
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # to moma-torchrun, one per node: what was saved
+            report_signal_stop(result.signal or self.stop.signal, self.iteration,
                                str(result.checkpoint) if result.checkpoint else None)
         self.writer.close()
         return result
@@ -572,8 +604,8 @@ class PretrainJob:
         if candidates:
             resume.record_nan_stop(self.save_dir, failed, sampler_state, candidates[0][0],
                                    args_for_checkpoint(self.args))
-            listed = ", ".join(f"iteration {i}" + (f" (train loss {loss:.4f})" if loss is not None else "")
-                               for i, loss in candidates[:4])
+            listed = ", ".join(f"iteration {i}" + (f" (weight norm {norm:.4g})" if norm is not None else "")
+                               for i, norm in candidates[:4])
             lines.append(
                 f"Checkpoints before it in {self.save_dir}: {listed}. Run the same command with a lower "
                 f"learning rate, e.g. --lr {self.args.lr / 2:g} {resume.OVERRIDE}: it resumes from "
@@ -639,20 +671,26 @@ class PretrainJob:
 def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace] = None) -> RunResult:
     """Runs the job described by ``argv`` (or parsed ``args``); see ``moma-pretrain --help``."""
     args = args or parse_args(argv)
-    parallel = setup_parallel(args)
-    num_micro = batch_sizes(args, parallel.dp)
-    seed_everything(args.seed)
-    run_dir, save_dir = run_directories(args)
     with ExitStack() as stack:
+        # From the start: a SIGTERM during the set-up (a rendezvous, a long dataset build) stops the
+        # job before its first step, with the newest checkpoint as it was.
+        stop = stack.enter_context(StopRequest(TOOL, announce=os.environ.get("RANK", "0") == "0"))
+        parallel = setup_parallel(args)
+        num_micro = batch_sizes(args, parallel.dp)
+        seed_everything(args.seed)
+        run_dir, save_dir = run_directories(args)
         lock_directories(stack, [run_dir] + ([save_dir] if save_dir else []), parallel,
                          checkpoints=save_dir)
-        stop = stack.enter_context(StopRequest(TOOL, announce=parallel.is_first))
         job = PretrainJob(args, parallel, run_dir, save_dir, num_micro, stop)
         job.prepare()
         if not job.resume():
             return RunResult("finished", job.iteration, run_dir, None)
         job.describe()
-        return job.run()
+        if any_rank(stop.received, parallel):
+            return job.stopped_before_training()
+        result = job.run()
+    result.signal = result.signal or stop.signal
+    return result
 
 
 def _plot(run_dir: Path) -> Optional[Path]:
@@ -669,6 +707,11 @@ def _plot(run_dir: Path) -> Optional[Path]:
 
 
 def _main(argv: Optional[List[str]]):
+    # Outside the run (its StopRequest replaces these meanwhile), a signal is only remembered: one that
+    # comes while the process ends after its final save must not kill it with status 143.
+    late = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: late.append(signal.Signals(number).name))
     try:
         result = pretrain(argv)
     except KeyboardInterrupt:
@@ -679,7 +722,7 @@ def _main(argv: Optional[List[str]]):
         torch.distributed.destroy_process_group()
     if result.status == "nan":
         raise SystemExit(1)
-    if result.status == "signal" and result.signal == "SIGINT":
+    if result.signal == "SIGINT" or "SIGINT" in late:
         raise SystemExit(130)
     return result
 

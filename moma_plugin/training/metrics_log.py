@@ -14,12 +14,31 @@ says so once, keeps training, and tries again at the next record.
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 from ..storage import disk_full_message, is_disk_full
+
+
+def _quiet_disk_full_in_threads():
+    """TensorBoard writes from a thread of its own; a full disk there must cost one warning, not a
+    traceback (installed once per process)."""
+    previous = threading.excepthook
+    if getattr(previous, "moma_quiet", False):
+        return
+
+    def hook(args):
+        if isinstance(args.exc_value, OSError) and is_disk_full(args.exc_value):
+            print(f"warning: TensorBoard events not written ({args.exc_value}); training goes on",
+                  file=sys.stderr, flush=True)
+            return
+        previous(args)
+
+    hook.moma_quiet = True
+    threading.excepthook = hook
 
 
 class MetricsWriter:
@@ -35,6 +54,7 @@ class MetricsWriter:
             return
         self._guard(lambda: self._open_file())
         if tensorboard_dir is not None:
+            _quiet_disk_full_in_threads()
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is a dependency; keep training if it is broken

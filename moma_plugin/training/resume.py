@@ -126,18 +126,28 @@ def clear_nan_stop(save_dir: Path):
     (Path(save_dir) / NAN_STOP).unlink(missing_ok=True)
 
 
-def rollback_candidates(save_dir: Path, before: int) -> List[Tuple[int, Optional[float]]]:
-    """(iteration, recorded train loss) of the complete checkpoints in ``save_dir`` before iteration
-    ``before``, newest first: the states to go back to after a divergence."""
+def rollback_candidates(save_dir: Path, before: int, growth: float = 10.0
+                        ) -> List[Tuple[int, Optional[float]]]:
+    """(iteration, weight norm) of the complete checkpoints in ``save_dir`` before iteration
+    ``before`` that look sane, newest first: the states to go back to after a divergence. Walking from
+    the oldest, a checkpoint looks diverged when its weights are not finite or their norm is more than
+    ``growth`` times the previous sane checkpoint's (training moves the norm slowly, a divergence by
+    orders of magnitude); it and every later one are left out."""
     from . import checkpointing
 
-    out = []
-    for iteration in reversed(checkpointing.saved_iterations(save_dir)):
+    sane: List[Tuple[int, Optional[float]]] = []
+    for iteration in checkpointing.saved_iterations(save_dir):
         directory = checkpointing.checkpoint_dir(save_dir, iteration)
         if iteration >= before or checkpointing.incomplete_reason(directory) is not None:
             continue
-        manifest = checkpointing.read_manifest(directory) or {}
-        loss = manifest.get("train_loss")
-        if manifest.get("parameters_finite", True) and (loss is None or math.isfinite(loss)):
-            out.append((iteration, loss))
-    return out
+        try:
+            manifest = checkpointing.read_manifest(directory) or {}
+        except UsageError:
+            continue
+        norm = manifest.get("parameter_norm")
+        previous = next((n for _, n in reversed(sane) if n is not None), None)
+        if not manifest.get("parameters_finite", True) or (norm is not None and not math.isfinite(norm)) \
+                or (norm is not None and previous is not None and norm > growth * previous):
+            break
+        sane.append((iteration, norm))
+    return sane[::-1]
