@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,16 @@ def test_stage_two_beats_all_zeros_and_saves_a_causal_checkpoint(pretrained, tmp
     assert image_output["images"], image_output["text"]
     png = Path(image_output["images"][0])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as image:  # the 16 x 16 image enlarged by nearest neighbour, to be seen
+        assert image.size == (256, 256)
+        pixels = np.asarray(image)
+        assert (pixels[:16, :16] == pixels[0, 0]).all()  # one source pixel -> a 16 x 16 block
+    again = generate_run(["--load", str(tmp_path), "--max-new-tokens", "4", "--output-dir", str(out)])
+    first_dir, second_dir = Path(image_output["images"][0]).parent, Path(again["outputs"][0]["output_dir"])
+    assert first_dir != second_dir and first_dir.parent == second_dir.parent == out  # nothing overwritten
+    assert png.exists()
     begin, end = 457, 458  # bundled vocabulary: <boi>, <eoi>
     new = image_output["new_tokens"]
     assert new[16] == end and all(459 <= t < 715 for t in new[:16])  # 16 codes per image, then <eoi>
@@ -136,10 +147,10 @@ def _stage_two_rank(rank, port, load, workdir):
     torch.set_num_threads(1)
     save = checkpointing.save_checkpoint
 
-    def keep_a_copy(directory, iteration, state, tp_rank, writes):  # every rank's routers, for the test
+    def keep_a_copy(directory, iteration, state, tp_rank, writes, **kwargs):  # every rank's routers
         torch.save({k: v for k, v in state["model"].items() if "aux_router" in k},
                    f"{workdir}/routers{rank}.pt")
-        return save(directory, iteration, state, tp_rank, writes=writes)
+        return save(directory, iteration, state, tp_rank, writes=writes, **kwargs)
 
     checkpointing.save_checkpoint = keep_a_copy
     report = train_aux_routers(["--load", load, "--save", f"{workdir}/aux", "--train-iters", "6",

@@ -216,7 +216,8 @@ def run(argv: Optional[List[str]] = None) -> Dict:
     for index, (prompt, ids, new) in enumerate(zip(prompts, prompt_ids, result.tokens)):
         rendered = render(ids + new, text_tokenizer, image_tokenizer, layout, output / f"sample{index}",
                           options.png_size)
-        outputs.append(dict(prompt=prompt, new_tokens=new, stopped=result.stopped[index], **rendered))
+        outputs.append(dict(prompt=prompt, new_tokens=new, stopped=result.stopped[index],
+                            output_dir=str(output), **rendered))
         print(f"--- prompt {index}: {prompt!r} ({len(new)} new tokens, stopped by {result.stopped[index]})"
               f"\n{rendered['text']}", flush=True)
     summary = {"checkpoint": options.load, "iteration": state["iteration"], "outputs": outputs,
