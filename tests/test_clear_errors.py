@@ -273,90 +273,70 @@ def test_skip_bad_skips_undecodable_lines_and_says_why(world, tmp_path, capsys, 
     assert "skipped: " in captured.err and "docs.jsonl:2:" in captured.err
 
 
+# (tool, flags, message): argparse-level checks, exit status 2.
 FLAG_CASES = [
-    (["--moma-capacity-factor", "inf"], "--moma-capacity-factor must be a positive finite number"),
-    (["--num-query-groups", "3"], "--num-query-groups 3 must be at least 1 and divide --num-attention-heads 4"),
-    (["--num-query-groups", "0"], "--num-query-groups 0 must be at least 1"),
-    (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be at least 1"),
-    (["--seed", "-1"], "--seed must lie in [0, 2**32)"),
-    (["--seed", str(2 ** 32)], "--seed must lie in [0, 2**32)"),
-    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
-    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
-    (["--hidden-dropout", "1.5"], "--hidden-dropout must lie in [0.0, 1.0)"),
-    (["--attention-dropout", "-0.1"], "--attention-dropout must lie in [0.0, 1.0)"),
-    (["--adam-beta1", "1"], "--adam-beta1 must lie in [0.0, 1.0)"),
-    (["--adam-beta2", "-0.5"], "--adam-beta2 must lie in [0.0, 1.0)"),
-    (["--adam-eps", "0"], "--adam-eps must be a positive number"),
-    (["--balance-tolerance", "0"], "--balance-tolerance must lie in (0, 1)"),
-    (["--balance-tolerance", "1.5"], "--balance-tolerance must lie in (0, 1)"),
-    (["--clip-grad", "-1"], "--clip-grad must be a finite number >= 0"),
-    (["--lr", "inf"], "--lr must be a positive number"),
-    (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must lie in [0, 1)"),
-    (["--keep-last", "0"], "--keep-last must be at least 1"),
-    (["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
-    (["--global-batch-size", "-4"], "--global-batch-size must be at least 1"),
-    (["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size 0: only 1 is supported"),
-    (["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], "exclude each other"),
+    ("moma-pretrain", ["--moma-capacity-factor", "inf"], "--moma-capacity-factor must be a positive finite number"),
+    ("moma-pretrain", ["--num-query-groups", "3"], "--num-query-groups 3 must be at least 1 and divide --num-attention-heads 4"),
+    ("moma-pretrain", ["--num-query-groups", "0"], "--num-query-groups 0 must be at least 1"),
+    ("moma-pretrain", ["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be at least 1"),
+    ("moma-pretrain", ["--seed", "-1"], "--seed must lie in [0, 2**32)"),
+    ("moma-pretrain", ["--seed", str(2 ** 32)], "--seed must lie in [0, 2**32)"),
+    ("moma-pretrain", ["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    ("moma-pretrain", ["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    ("moma-pretrain", ["--hidden-dropout", "1.5"], "--hidden-dropout must lie in [0.0, 1.0)"),
+    ("moma-pretrain", ["--attention-dropout", "-0.1"], "--attention-dropout must lie in [0.0, 1.0)"),
+    ("moma-pretrain", ["--adam-beta1", "1"], "--adam-beta1 must lie in [0.0, 1.0)"),
+    ("moma-pretrain", ["--adam-beta2", "-0.5"], "--adam-beta2 must lie in [0.0, 1.0)"),
+    ("moma-pretrain", ["--adam-eps", "0"], "--adam-eps must be a positive number"),
+    ("moma-pretrain", ["--balance-tolerance", "0"], "--balance-tolerance must lie in (0, 1)"),
+    ("moma-pretrain", ["--balance-tolerance", "1.5"], "--balance-tolerance must lie in (0, 1)"),
+    ("moma-pretrain", ["--clip-grad", "-1"], "--clip-grad must be a finite number >= 0"),
+    ("moma-pretrain", ["--lr", "inf"], "--lr must be a positive number"),
+    ("moma-pretrain", ["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction must lie in [0, 1)"),
+    ("moma-pretrain", ["--keep-last", "0"], "--keep-last must be at least 1"),
+    ("moma-pretrain", ["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
+    ("moma-pretrain", ["--global-batch-size", "-4"], "--global-batch-size must be at least 1"),
+    ("moma-pretrain", ["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size 0: only 1 is supported"),
+    ("moma-pretrain", ["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], "exclude each other"),
     # the MoMa flag is reported, not the warm-up check it would explain
-    (["--moma-experts", "4q4i", "--lr-warmup-iters", "500", "--train-iters", "10"], "--moma-experts:"),
-    (["--config", str(PAPER), "--train-iters", "100"],
+    ("moma-pretrain", ["--moma-experts", "4q4i", "--lr-warmup-iters", "500", "--train-iters", "10"], "--moma-experts:"),
+    ("moma-pretrain", ["--config", str(PAPER), "--train-iters", "100"],
      f"--lr-warmup-iters 4000 (from {PAPER}) must be below --lr-decay-iters 100 (= --train-iters); "
      "pass --lr-warmup-iters 10 or --lr-warmup-fraction 0.1 with it"),
+    ("moma-generate", ["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    ("moma-generate", ["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    ("moma-generate", ["--top-k", "-3"], "--top-k must be >= 0"),
+    ("moma-generate", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ("moma-generate", ["--aux-threshold", "1"], "--aux-threshold must lie in (0, 1)"),
+    ("moma-preprocess", ["--codebook-size", "0"], "--codebook-size must lie in [1, 65536]"),
+    ("moma-preprocess", ["--patch-size", "0"], "--patch-size must divide --image-size 16"),
+    ("moma-preprocess", ["--patch-size", "5"], "--patch-size must divide --image-size 16"),
+    ("moma-preprocess", ["--image-size", "0"], "--image-size must lie in [1, 1024]"),
+    ("moma-preprocess", ["--image-size", "100000"], "--image-size must lie in [1, 1024]"),
+    ("moma-preprocess", ["--text-vocab-size", "-1"], "--text-vocab-size must lie in [1, 1048576]"),
+    ("moma-preprocess", ["--seed", "-1"], "--seed must lie in [0, 2**32)"),
+    ("moma-preprocess", ["--workers", "0"], "--workers must be at least 1"),
+    ("moma-preprocess", ["--output-prefix", ""], "--output-prefix '' names no file prefix"),
 ]
+TOOLS = {  # tool: (main, the arguments every case of it starts with)
+    "moma-pretrain": (loop.main, lambda tmp: ["--no-save"]),
+    "moma-generate": (generate.main, lambda tmp: ["--load", "somewhere"]),
+    "moma-preprocess": (preprocess.main, lambda tmp: ["--input", str(REPO / "examples/data/docs.jsonl"),
+                                                      "--output-prefix", str(tmp / "ds")]),
+}
 
 
-@pytest.mark.parametrize("flags, message", FLAG_CASES, ids=[" ".join(f[0])[:40] for f in FLAG_CASES])
-def test_bad_flags_name_the_flag(flags, message, capsys):
+@pytest.mark.parametrize("tool, flags, message", FLAG_CASES,
+                         ids=[f"{c[0]} {' '.join(c[1])}"[:50] for c in FLAG_CASES])
+def test_bad_flags_name_the_flag(tool, flags, message, capsys, tmp_path):
+    main, base = TOOLS[tool]
     with pytest.raises(SystemExit) as error:
-        loop.main([*flags, "--no-save"])
+        main([*base(tmp_path), *flags])
     assert error.value.code == 2
     err = capsys.readouterr().err
-    assert "moma-pretrain: error: " in err and message in err, err
-
-
-GENERATE_FLAGS = [
-    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
-    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
-    (["--top-k", "-3"], "--top-k must be >= 0"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["--aux-threshold", "1"], "--aux-threshold must lie in (0, 1)"),
-]
-
-
-@pytest.mark.parametrize("flags, message", GENERATE_FLAGS, ids=[" ".join(f[0]) for f in GENERATE_FLAGS])
-def test_bad_generation_flags_name_the_flag(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        generate.main(["--load", "somewhere", *flags])
-    err = capsys.readouterr().err
-    assert "moma-generate: error: " in err and message in err and "moma-pretrain" not in err, err
-
-
-PREPROCESS_FLAGS = [
-    (["--codebook-size", "0"], "--codebook-size must lie in [1, 65536]"),
-    (["--patch-size", "0"], "--patch-size must divide --image-size 16"),
-    (["--patch-size", "5"], "--patch-size must divide --image-size 16"),
-    (["--image-size", "0"], "--image-size must lie in [1, 1024]"),
-    (["--image-size", "100000"], "--image-size must lie in [1, 1024]"),
-    (["--text-vocab-size", "-1"], "--text-vocab-size must lie in [1, 1048576]"),
-    (["--seed", "-1"], "--seed must lie in [0, 2**32)"),
-    (["--workers", "0"], "--workers must be at least 1"),
-]
-
-
-@pytest.mark.parametrize("flags, message", PREPROCESS_FLAGS, ids=[" ".join(f[0]) for f in PREPROCESS_FLAGS])
-def test_bad_preprocessing_flags_name_the_flag(flags, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as error:
-        preprocess.main(["--input", str(REPO / "examples/data/docs.jsonl"), "--output-prefix",
-                         str(tmp_path / "ds"), *flags])
-    assert error.value.code == 2
-    err = capsys.readouterr().err
-    assert "moma-preprocess: error: " in err and message in err, err
-
-
-def test_an_empty_output_prefix_is_refused(capsys):
-    with pytest.raises(SystemExit):
-        preprocess.main(["--input", str(REPO / "examples/data/docs.jsonl"), "--output-prefix", ""])
-    assert "--output-prefix '' names no file prefix" in capsys.readouterr().err
+    assert f"{tool}: error: " in err and message in err, err
+    if tool != "moma-pretrain":
+        assert "moma-pretrain" not in err, err
 
 
 def test_tensor_parallelism_without_torchrun_prints_the_torchrun_command(tmp_path):

@@ -30,6 +30,7 @@ FULL_CHECK_BYTES = 256 << 20
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _IDX_FIXED_BYTES = 34  # header 9, version 8, dtype code 1, sequence count 8, document count 8
 CHECKSUMMED = (".bin", ".idx", ".counts.npy")
+TOKENIZERS = ".tokenizers/"  # the names of the tokenizer files in a ``files`` record start so
 
 
 def write_indexed_dataset(prefix: Union[str, Path], documents: Iterable[Sequence[int]],
@@ -61,11 +62,12 @@ def file_records(prefix: Union[str, Path]) -> Dict[str, Dict[str, object]]:
     """{suffix or tokenizer file: {bytes, sha256[, sampled_sha256]}} of a dataset's files, for its
     vocabulary JSON."""
     prefix = Path(prefix)
-    paths = {suffix: Path(f"{prefix}{suffix}") for suffix in CHECKSUMMED}
+    names = list(CHECKSUMMED)
     tokenizers = Path(f"{prefix}.tokenizers")
     if tokenizers.is_dir():
-        for path in sorted(p for p in tokenizers.rglob("*") if p.is_file()):
-            paths[".tokenizers/" + path.relative_to(tokenizers).as_posix()] = path
+        names += [TOKENIZERS + p.relative_to(tokenizers).as_posix()
+                  for p in sorted(tokenizers.rglob("*")) if p.is_file()]
+    paths = {name: _record_path(prefix, name) for name in names}
     records = {}
     for name, path in paths.items():
         if path.exists():
@@ -92,9 +94,16 @@ def dataset_fingerprint(prefix: Union[str, Path]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def _record_path(prefix, name: str) -> Path:
+    """The file a ``files`` record name means: a suffix of the prefix, or a tokenizer file."""
+    if name.startswith(TOKENIZERS):
+        return Path(f"{prefix}.tokenizers") / name[len(TOKENIZERS):]
+    return Path(f"{prefix}{name}")
+
+
 def _tokenizer_records(prefix) -> Dict[str, str]:
     return {name: record["sha256"] for name, record in
-            VocabularyLayout.load_files(f"{prefix}.vocab.json").items() if name.startswith(".tokenizers/")}
+            VocabularyLayout.load_files(f"{prefix}.vocab.json").items() if name.startswith(TOKENIZERS)}
 
 
 def check_dataset_files(prefix: Union[str, Path]) -> None:
@@ -103,8 +112,7 @@ def check_dataset_files(prefix: Union[str, Path]) -> None:
     prefix = Path(prefix)
     vocab_path = Path(f"{prefix}.vocab.json")
     for name, record in VocabularyLayout.load_files(vocab_path).items():
-        path = Path(f"{prefix}{name}") if not name.startswith(".tokenizers/") else \
-            Path(f"{prefix}.tokenizers") / name[len(".tokenizers/"):]
+        path = _record_path(prefix, name)
         if not path.exists():
             raise ValueError(f"{path} is missing ({vocab_path} lists it); run moma-preprocess again")
         size = path.stat().st_size
@@ -167,15 +175,17 @@ class PackedSequenceDataset(torch.utils.data.Dataset):
 
     Sample i holds stream tokens [i*s, i*s + s + 1): ``tokens`` are the first s, ``labels`` the last s.
     Items are dicts of tensors: tokens, labels, loss_mask, position_ids, modality_ids (all [s]).
+    ``check_files=False`` skips ``check_dataset_files`` (for a caller that has just run it).
     """
 
     def __init__(self, prefix: Union[str, Path], seq_length: int, split: str = "train",
-                 valid_fraction: float = 0.05, seed: int = 1234):
+                 valid_fraction: float = 0.05, seed: int = 1234, check_files: bool = True):
         if not dataset_exists(prefix):
             raise FileNotFoundError(_missing_dataset_message(prefix))
         self.prefix, self.seq_length, self.split = str(prefix), seq_length, split
         self.layout = VocabularyLayout.load(f"{prefix}.vocab.json")
-        check_dataset_files(prefix)
+        if check_files:
+            check_dataset_files(prefix)
         self.indexed = IndexedDataset(self.prefix)
         num_documents = len(self.indexed.document_indices) - 1
         documents = split_documents(num_documents, valid_fraction, seed)[split]
@@ -349,10 +359,17 @@ def build_datasets(data_path: Sequence[str], seq_length: int, valid_fraction: fl
                          "mean other text or image patches in each: " + ", ".join(tokenizers)
                          + "); preprocess them with the same tokenizers (moma-preprocess "
                          "--text-tokenizer DIR --image-tokenizer DIR)")
+    checked = set()  # each prefix's files are checksummed once, not once per split
+
+    def part(prefix, split):
+        dataset = PackedSequenceDataset(prefix, seq_length, split, valid_fraction, seed,
+                                        check_files=prefix not in checked)
+        checked.add(prefix)
+        return dataset
+
     splits = {}
     for split in ("train", "valid"):
-        parts = [PackedSequenceDataset(prefix, seq_length, split, valid_fraction, seed)
-                 for _, prefix in pairs]
+        parts = [part(prefix, split) for _, prefix in pairs]
         if len(parts) == 1:
             splits[split] = parts[0]
             continue

@@ -235,7 +235,8 @@ def _gather(value) -> list:
     return values
 
 
-def _from_rank0(value):
+def from_rank0(value):
+    """Rank 0's ``value`` on every rank (a collective; ``value`` itself without a process group)."""
     if not _distributed():
         return value
     box = [value]
@@ -278,7 +279,7 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
             staging.mkdir(parents=True)
         except OSError as e:
             error = _failure(f"saving iteration {iteration}", staging, e)
-    error = _from_rank0(error)
+    error = from_rank0(error)
     if error is None:
         record = None
         if writes:
@@ -298,7 +299,7 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
                 error = _failure(f"publishing iteration {iteration}", final, e)
             else:
                 error = _track(save, iteration, keep_last)
-        error = _from_rank0(error)
+        error = from_rank0(error)
     if error is not None:
         if _rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)

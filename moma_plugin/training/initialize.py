@@ -18,6 +18,7 @@ from ..data.dataset import build_datasets
 from ..data.sampler import BalancedSampler, target_shares_from_experts, unmet_bound
 from ..model import MoMaGPTModel
 from ..specs import get_moma_layer_spec, transformer_engine_available
+from .checkpointing import from_rank0
 
 
 @dataclass
@@ -107,10 +108,9 @@ def load_datasets(args, parallel: Parallel):
                 resolve_data_path(items)
             except (OSError, ValueError) as e:
                 error = f"cannot build the bundled datasets: {e}"
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        if shared[0] is not None:
-            raise UsageError(shared[0])
+        error = from_rank0(error)
+        if error is not None:
+            raise UsageError(error)
     try:
         return build_datasets(resolve_data_path(items), args.seq_length, args.valid_fraction, args.seed)
     except (FileNotFoundError, ValueError) as e:

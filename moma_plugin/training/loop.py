@@ -47,7 +47,7 @@ from ..cli import UsageError, run_tool
 from ..flops import training_flops_per_token
 from ..launch import report_signal_stop
 from ..metrics import collect_routing_metrics
-from ..storage import atomic_write_text, disk_full_message, is_disk_full
+from ..storage import disk_full_message, is_disk_full
 from . import checkpointing, resume
 from .arguments import args_for_checkpoint, batch_sizes, parse_args
 from .initialize import (
@@ -120,21 +120,30 @@ def clip_gradients(model, max_norm: float, parallel: Parallel, parameters=None) 
     """Global gradient norm over every TP shard (replicated parameters counted once); scales the
     gradients down to ``max_norm`` when above it. Returns the norm before clipping. ``parameters``:
     a subset to clip (default: all of the model's)."""
-    sharded, replicated = [], []
-    for p in (model.parameters() if parameters is None else parameters):
-        if p.grad is not None:
-            (sharded if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad)
-    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
-    for i, grads in enumerate((sharded, replicated)):
-        if grads:
-            squares[i] = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
-    torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
-    norm = float(squares.sum().sqrt())
+    grads = [(p.grad, is_tp_sharded(p)) for p in (model.parameters() if parameters is None else parameters)
+             if p.grad is not None]
+    norm = global_norm(grads, parallel)
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for g in sharded + replicated:
+        for g, _ in grads:
             g.mul_(scale)
     return norm
+
+
+def is_tp_sharded(param) -> bool:
+    return getattr(param, "tensor_model_parallel", False)
+
+
+def global_norm(tensors, parallel: Parallel) -> float:
+    """The L2 norm of ``(tensor, tp_sharded)`` pairs over all tensor-parallel ranks: shards summed over
+    the TP group, replicated tensors counted once."""
+    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
+    for i, group in enumerate(([t for t, sharded in tensors if sharded],
+                               [t for t, sharded in tensors if not sharded])):
+        if group:
+            squares[i] = torch.stack([t.double().pow(2).sum() for t in group]).sum()
+    torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
+    return float(squares.sum().sqrt())
 
 
 def allreduce_gradients(model, parallel: Parallel):
@@ -257,10 +266,7 @@ def default_run_dir(args) -> Path:
 
 def run_directories(args):
     """(run directory, checkpoint directory or None): rank 0's choice, on every rank."""
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args)
-    shared = [str(run_dir)]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    run_dir = Path(shared[0])
+    run_dir = Path(checkpointing.from_rank0(str(args.run_dir or default_run_dir(args))))
     save_dir = None if args.no_save else Path(args.save or run_dir / "checkpoints")
     return run_dir, save_dir
 
@@ -287,10 +293,9 @@ def lock_directories(stack: ExitStack, directories, parallel: Parallel, tool: st
                      if where.exists() and not where.is_dir() else
                      f"cannot lock {where} ({e.strerror or e}); give a --save / --run-dir this job "
                      "can write to")
-    shared = [error]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        raise UsageError(shared[0])
+    error = checkpointing.from_rank0(error)
+    if error is not None:
+        raise UsageError(error)
     for note in notes:
         print(f"note: {note}", flush=True)
 
@@ -303,11 +308,7 @@ def has_checkpoints(directory) -> bool:
 def parameter_norm(model, parallel: Parallel) -> float:
     """The global L2 norm of the weights (TP shards summed, replicated weights counted once); NaN or
     inf when a weight is not finite. A checkpoint records it: a diverged one shows in it."""
-    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
-    for p in model.parameters():
-        squares[0 if getattr(p, "tensor_model_parallel", False) else 1] += p.detach().double().pow(2).sum()
-    torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
-    return float(squares.sum().sqrt())
+    return global_norm([(p.detach(), is_tp_sharded(p)) for p in model.parameters()], parallel)
 
 
 class PretrainJob:
@@ -422,21 +423,17 @@ class PretrainJob:
     def set_aside_newer(self, iteration: int):
         """Checkpoints newer than the one resumed belong to another branch of the run: moved aside
         (kept), so that no save, fallback or --keep-last mixes them with this branch's."""
-        moved = None
-        if self.parallel.is_first:
-            moved = checkpointing.set_aside_newer(self.save_dir, iteration)
-        shared = [moved]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        if shared[0]:
+        moved = checkpointing.from_rank0(
+            checkpointing.set_aside_newer(self.save_dir, iteration) if self.parallel.is_first else None)
+        if moved:
             self.say(f"note: moved the checkpoints newer than iteration {iteration} aside, kept as "
-                     f"{', '.join(shared[0])} in {self.save_dir}; delete them when no longer needed")
+                     f"{', '.join(moved)} in {self.save_dir}; delete them when no longer needed")
 
     def stopped_before_training(self) -> RunResult:
         checkpoint = self.last_saved[1] if self.last_saved else None
         self.say(f"received {self.stop.signal} before the first step: nothing new to save"
                  + (f"; the newest checkpoint is {checkpoint}" if checkpoint else ""))
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            report_signal_stop(self.stop.signal, self.iteration, str(checkpoint) if checkpoint else None)
+        self.report_to_launcher(self.stop.signal, checkpoint)
         self.writer.close()
         return RunResult("signal", self.iteration, self.run_dir, checkpoint, signal=self.stop.signal)
 
@@ -451,7 +448,7 @@ class PretrainJob:
                   "modalities": list(self.layout.modalities), "flops_per_token": self.flops_per_token,
                   "num_parameters": self.num_parameters, "tokens_per_iteration": self.tokens_per_iteration,
                   "args": args_for_checkpoint(args)}
-        self.writer._guard(lambda: atomic_write_text(self.run_dir / "run.json", json.dumps(record, indent=1)))
+        self.writer.write_file("run.json", json.dumps(record, indent=1))
         self.say(f"{TOOL} {args.moma_experts}: {self.num_parameters / 1e6:.2f}M parameters, "
                  f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
                  f"(TP {parallel.tp} x DP {parallel.dp}) on {parallel.device.type}; {len(self.train_set)} "
@@ -552,11 +549,14 @@ class PretrainJob:
         result.iteration = self.iteration
         if result.status == "completed":
             self.finish(result)
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # to moma-torchrun, one per node: what was saved
-            report_signal_stop(result.signal or self.stop.signal, self.iteration,
-                               str(result.checkpoint) if result.checkpoint else None)
+        self.report_to_launcher(result.signal or self.stop.signal, result.checkpoint)
         self.writer.close()
         return result
+
+    def report_to_launcher(self, signal_name: Optional[str], checkpoint: Optional[Path]):
+        """Tells moma-torchrun (one report per node) what the run ended with."""
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            report_signal_stop(signal_name, self.iteration, str(checkpoint) if checkpoint else None)
 
     def log(self, interval: Interval, bar, tqdm):
         args, layout = self.args, self.layout

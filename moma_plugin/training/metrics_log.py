@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..storage import disk_full_message, is_disk_full
+from ..storage import atomic_write_text, disk_full_message, is_disk_full
 
 
 def _quiet_disk_full_in_threads():
@@ -90,6 +90,11 @@ class MetricsWriter:
             self._guard(lambda: self.file.write(line))
         if self.tensorboard is not None:
             self._guard(lambda: self._write_tensorboard(kind, iteration, values))
+
+    def write_file(self, name: str, text: str):
+        """``<run_dir>/<name>``, replaced atomically; like every metric, a failed write only warns."""
+        if self.enabled:
+            self._guard(lambda: atomic_write_text(self.path.parent / name, text))
 
     def _write_tensorboard(self, kind: str, iteration: int, values: Dict[str, float]):
         for key, value in values.items():
