@@ -2,10 +2,10 @@
 
 Measured in one run, interleaved round by round so that machine drift hits every path alike:
 
-  loop     MoMaMLP, moma_expert_execution="loop": each expert's Megatron MLP on its slice (the reference)
+  loop     MoMaMLP, moma_expert_execution="loop": expert by expert over views of the stacked weights
+           (the reference; what "auto" picks on CPU)
   grouped  MoMaMLP, moma_expert_execution="grouped": two torch._grouped_mm calls (when the shapes allow)
-  padded   MoMaMLP, "grouped" with moma_plugin.moma_mlp.grouped_mm_supported patched to return False,
-           so compute() takes run_experts_padded (scatter to [E, C_max, H], two bmm, gather back)
+  padded   MoMaMLP, moma_expert_execution="padded": scatter to [E, C_max, H], two bmm, gather back
   dense    Megatron's MLP (ColumnParallelLinear + RowParallelLinear, SwiGLU) of the same FFN size
 
 With capacity factor 1 and 4 experts per modality, each expert takes a quarter of its modality's tokens,
@@ -140,36 +140,22 @@ def build_dense(args):
     return MLP(config, submodules, ffn_hidden_size=args.ffn).to(args.device)
 
 
-@contextlib.contextmanager
-def force_padded_path():
-    """MoMaMLP.compute looks grouped_mm_supported up in moma_plugin.moma_mlp at call time: while this
-    is open it answers False, so "grouped" execution takes run_experts_padded."""
-    original = moma_mlp_module.grouped_mm_supported
-    moma_mlp_module.grouped_mm_supported = lambda *a, **k: False
-    try:
-        yield
-    finally:
-        moma_mlp_module.grouped_mm_supported = original
-
-
 class Case:
     """One path: a module and how to call it on the shared input."""
 
-    def __init__(self, name, module, layout=None, padded=False):
-        self.name, self.module, self.layout, self.padded = name, module, layout, padded
+    def __init__(self, name, module, layout=None):
+        self.name, self.module, self.layout = name, module, layout
         self.params = [p for p in module.parameters() if p.requires_grad]
 
     def __call__(self, hidden_SBH):
-        patch = force_padded_path() if self.padded else contextlib.nullcontext()
         if self.layout is None:
-            with patch:
-                out, bias = self.module(hidden_SBH)
+            out, bias = self.module(hidden_SBH)
         else:
             # A fresh layout object per call (same tensors, new forward_id), as every training step
             # brings one: MoMaMLP then records its routing metrics each call, as it does in training.
             layout = mp.ModalityLayout(self.layout.modality_ids_T, self.layout.order_T,
                                        self.layout.counts)
-            with patch, self.module.routing_layout(layout):
+            with self.module.routing_layout(layout):
                 out, bias = self.module(hidden_SBH)
         return out if bias is None else out + bias
 
@@ -186,17 +172,18 @@ def clear_grads(case, hidden_SBH):
 
 
 def run_once(case, hidden_SBH, grad_SBH, mode, device):
-    """One timed call: "fwd" (autograd recording, as in training) or "fwd+bwd"; returns seconds."""
+    """One timed call: "fwd" (autograd recording, as in training) or "fwd+bwd"; returns (wall seconds,
+    CPU seconds of the process: all its threads)."""
     clear_grads(case, hidden_SBH)
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = case(hidden_SBH)
     if mode == "fwd+bwd":
         # A real loss: (y * fixed random).sum() gives a dense, contiguous gradient (y.sum() would give
         # a stride-0 one, which torch._grouped_mm's backward does not take).
         (out * grad_SBH).sum().backward()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 @contextlib.contextmanager
@@ -276,8 +263,7 @@ def main(argv=None):
         if name == "dense":
             cases[name] = Case(name, build_dense(args))
         else:
-            execution = "loop" if name == "loop" else "grouped"
-            cases[name] = Case(name, build_moma(args, execution), layout, padded=name == "padded")
+            cases[name] = Case(name, build_moma(args, name), layout)
     for case in cases.values():
         case.module.train()
 
@@ -344,15 +330,16 @@ def main(argv=None):
     for name in cases:
         results[name] = {}
         for mode in modes:
-            s = samples[name][mode]
-            med = statistics.median(s)
+            wall = [w for w, _ in samples[name][mode]]
+            cpu = [c for _, c in samples[name][mode]]
+            med = statistics.median(wall)
             entry = {
                 "median_ms": 1e3 * med,
-                "min_ms": 1e3 * min(s),
-                "max_ms": 1e3 * max(s),
-                "q1_ms": 1e3 * statistics.quantiles(s, n=4)[0] if len(s) > 1 else 1e3 * med,
-                "q3_ms": 1e3 * statistics.quantiles(s, n=4)[2] if len(s) > 1 else 1e3 * med,
-                "samples_ms": [round(1e3 * x, 4) for x in s],
+                "cpu_median_ms": 1e3 * statistics.median(cpu),
+                "min_ms": 1e3 * min(wall),
+                "max_ms": 1e3 * max(wall),
+                "samples_ms": [round(1e3 * x, 4) for x in wall],
+                "cpu_samples_ms": [round(1e3 * x, 4) for x in cpu],
                 # Matmul throughput counting only the FFN matmuls (fwd: x1, fwd+bwd: x3).
                 "ffn_gflops_per_s": (ffn_flops_per_token * num_tokens * (1 if mode == "fwd" else 3)
                                      / med / 1e9),
@@ -362,9 +349,12 @@ def main(argv=None):
             results[name][mode] = entry
 
     def ratio(a, b, mode):
-        if a in results and b in results:
-            return results[a][mode]["median_ms"] / results[b][mode]["median_ms"]
-        return None
+        """Median (and quartiles) of the per-round ratios time(a) / time(b), wall clock."""
+        if a not in samples or b not in samples:
+            return None
+        paired = [wa / wb for (wa, _), (wb, _) in zip(samples[a][mode], samples[b][mode])]
+        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        return {"median": statistics.median(paired), "q1": quartiles[0], "q3": quartiles[2]}
 
     ratios = {}
     for mode in modes:
@@ -418,20 +408,22 @@ def print_table(results, ratios, modes, device, grouped_fell_back=False):
     has_peak = device == "cuda"
     header = ["path"]
     for mode in modes:
-        header += [f"{mode} ms", f"{mode} vs loop", f"{mode} vs dense"]
+        header += [f"{mode} ms", f"{mode} cpu ms", f"{mode} vs loop", f"{mode} vs dense"]
         if has_peak:
             header.append(f"{mode} peak MiB")
+    versus = {"loop": "loop_time_vs_dense", "grouped": "grouped_time_vs_dense",
+              "padded": "padded_time_vs_dense"}
+    speedup = {"grouped": "grouped_speedup_vs_loop", "padded": "padded_speedup_vs_loop"}
     rows = []
     for name, res in results.items():
         row = [name + (" (ran padded)" if name == "grouped" and grouped_fell_back else "")]
         for mode in modes:
-            med = res[mode]["median_ms"]
-            loop = results.get("loop", {}).get(mode, {}).get("median_ms")
-            dense = results.get("dense", {}).get(mode, {}).get("median_ms")
-            row.append(f"{med:.2f}")
-            # speed-up over the reference loop (>1: faster), time relative to dense (<1: faster)
-            row.append(f"{loop / med:.2f}x" if loop else "-")
-            row.append(f"{med / dense:.2f}" if dense else "-")
+            row += [f"{res[mode]['median_ms']:.2f}", f"{res[mode]['cpu_median_ms']:.2f}"]
+            fast = ratios[mode].get(speedup.get(name, ""))
+            row.append("1.00x" if name == "loop" else f"{fast['median']:.2f}x" if fast else "-")
+            dense = ratios[mode].get(versus.get(name, ""))
+            row.append("1.00" if name == "dense" else
+                       f"{dense['median']:.2f} [{dense['q1']:.2f}-{dense['q3']:.2f}]" if dense else "-")
             if has_peak:
                 row.append(f"{res[mode].get('peak_extra_mib', float('nan')):.1f}")
         rows.append(row)
@@ -443,10 +435,12 @@ def print_table(results, ratios, modes, device, grouped_fell_back=False):
     for row in rows:
         print(line(row))
     print()
-    print("'vs loop' = loop time / path time (speed-up over the reference loop; >1 is faster);")
-    print("'vs dense' = path time / dense time (time ratio against the FLOPs-matched dense MLP; <1 is faster)")
+    print("ms: median wall time; cpu ms: median CPU time of the process (all threads; run with "
+          "--threads 1 for 1-thread CPU time)")
+    print("'vs loop' = median of per-round loop time / path time (speed-up over the reference loop);")
+    print("'vs dense' = median [quartiles] of per-round path time / dense time (<1 is faster than dense)")
     for mode in modes:
-        parts = [f"{k} {v:.2f}" for k, v in ratios[mode].items() if v is not None]
+        parts = [f"{k} {v['median']:.2f}" for k, v in ratios[mode].items() if v is not None]
         print(f"{mode}: " + ", ".join(parts))
 
 

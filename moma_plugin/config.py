@@ -111,8 +111,10 @@ class MoMaConfig(TransformerConfig):
     moma_post_norm: bool = False
     """Chameleon-style res-post-norm: h = x + Norm(f(x)) instead of Megatron's pre-norm."""
 
-    moma_expert_execution: str = "grouped"
-    """'grouped' (torch._grouped_mm, or padded bmm where it cannot run) or 'loop' (the reference)."""
+    moma_expert_execution: str = "auto"
+    """'auto' (by device, dtype and shape: moma_plugin.experts.choose_execution), 'loop' (each
+    expert's slice in turn; the reference), 'grouped' (torch._grouped_mm; padded where it cannot
+    run) or 'padded' (bmm over a padded [E, C_max, H] batch)."""
 
     mod_interval: int = 0
     """Mixture-of-Depths on every ``mod_interval``-th layer from ``mod_start_layer`` (0: no MoD;
@@ -151,9 +153,10 @@ class MoMaConfig(TransformerConfig):
                 f"moma_capacity_factor={self.moma_capacity_factor} must be a finite number > 0 "
                 "(paper: 1.0)."
             )
-        if self.moma_expert_execution not in ("grouped", "loop"):
+        if self.moma_expert_execution not in ("auto", "loop", "grouped", "padded"):
             raise ValueError(
-                f"moma_expert_execution={self.moma_expert_execution!r}: use 'grouped' or 'loop'."
+                f"moma_expert_execution={self.moma_expert_execution!r}: use 'auto', 'loop', "
+                "'grouped' or 'padded'."
             )
         tp = self.tensor_model_parallel_size
         if self.ffn_hidden_size % tp:

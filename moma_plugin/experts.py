@@ -1,55 +1,182 @@
-"""Running the experts of a layer on the tokens they chose.
+"""The experts of a MoMa layer: their stacked weights, and the ways to run them on the tokens they chose.
 
-All experts of a layer (every group) are processed as one list: the A = sum_e C_e chosen tokens arrive
-sorted by expert, ``tokens_per_expert`` (host ints) says how many each expert took. Three ways to run
-them, which must agree:
+``StackedExperts`` holds the SwiGLU experts of every group of a layer as four parameters, so that no step
+copies weights: ``fc1_weight`` [E, 2F, H] (each expert's gate rows, then its up rows), ``fc2_weight``
+[E, H, F], and with ``add_bias_linear`` ``fc1_bias`` [E, 2F] and ``fc2_bias`` [E, H]. Experts are numbered
+group by group (text 0..3, then image 0..3 for ``4t4i``). Tensor parallelism splits the FFN width F, as
+Megatron's Column/RowParallelLinear pair does; expert parallelism would split E; an upcycled layer copies
+one expert into all E. Checkpoints keep one tensor per expert under the names Megatron's ``MLP`` experts
+had (``<group>.<index>.linear_fc1.weight``), so checkpoints written before the weights were stacked load.
 
-- ``run_experts_loop``: each expert's Megatron ``MLP`` on its slice. Slow and obviously right: the reference.
-- ``run_experts_grouped``: two ``torch._grouped_mm`` calls over the stacked expert weights.
+The A = sum_e C_e chosen tokens arrive sorted by expert; ``tokens_per_expert`` (host ints) says how many
+each expert took. Three executions, which must agree:
+
+- ``run_experts_loop``: each expert's two matmuls on its slice, over views of the stacked weights: the
+  reference, and the fastest on CPU (each expert's SwiGLU works on a slice that stays in cache).
+- ``run_experts_grouped``: two ``torch._grouped_mm`` calls over all experts (one kernel each on GPUs).
 - ``run_experts_padded``: the same with ``torch.bmm`` on a [E, C_max, H] padded batch, for devices,
   dtypes or shapes ``_grouped_mm`` does not take.
 
+``choose_execution`` is the rule behind ``moma_expert_execution="auto"`` (see its docstring).
 Every expert takes part every step, also with zero tokens, so each expert parameter always gets a
 gradient (zeros if idle) and sharded data parallelism never waits on a rank whose expert was idle.
 """
 
-from typing import Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
 from torch import Tensor
 
-# Shape letters: A chosen (token, expert) pairs, H hidden size, F the FFN width on this TP rank,
-# E experts in the layer, C tokens per expert.
+# Shape letters (the package's legend is in moma_plugin/__init__.py): A chosen (token, expert) pairs,
+# H hidden size, F the FFN width on this TP rank, E experts of the layer, C tokens of one expert.
+
+EXECUTIONS = ("auto", "loop", "grouped", "padded")
+
+# Per-expert checkpoint names of each stacked parameter (Megatron MLP's names).
+_EXPERT_KEYS = {"fc1_weight": "linear_fc1.weight", "fc1_bias": "linear_fc1.bias",
+                "fc2_weight": "linear_fc2.weight", "fc2_bias": "linear_fc2.bias"}
 
 
-def run_experts_loop(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: Sequence) -> Tensor:
-    """Reference: expert e's MLP on its ``tokens_per_expert[e]`` rows of ``x_AH``, in order."""
-    outputs = []
-    for expert, x_CH in zip(experts, torch.split(x_AH, list(tokens_per_expert))):
-        y_CH, bias = expert(x_CH)
-        outputs.append(y_CH if bias is None else y_CH + bias)
-    return torch.cat(outputs)
+def _tp_shard(full: Tensor, dim: int, stride: int, rank: int, world: int) -> Tensor:
+    """This rank's part of a full tensor, as Megatron splits a master weight: pieces of
+    size/(world*stride) along ``dim``, rank r taking pieces r, r + world, ... (SwiGLU's fc1 has stride
+    2: each rank holds its slice of the gate and its slice of the up projection)."""
+    pieces = torch.split(full, full.shape[dim] // (world * stride), dim=dim)
+    return torch.cat(pieces[rank::world], dim=dim)
 
 
-def stacked_weights(experts: Sequence):
-    """fc1 [E, 2F, H], fc2 [E, H, F] and their biases (or None) stacked from the experts' MLPs."""
-    w1 = torch.stack([e.linear_fc1.weight for e in experts])
-    w2 = torch.stack([e.linear_fc2.weight for e in experts])
-    b1 = b2 = None
-    if experts[0].linear_fc1.bias is not None:
-        b1 = torch.stack([e.linear_fc1.bias for e in experts])
-    if experts[0].linear_fc2.bias is not None:
-        b2 = torch.stack([e.linear_fc2.bias for e in experts])
-    return w1, w2, b1, b2
+class StackedExperts(torch.nn.Module):
+    """The SwiGLU experts of all groups of one MoMa layer, stored stacked (see the module docstring)."""
+
+    def __init__(self, config, groups: Sequence, tp_group=None):
+        super().__init__()
+        self.expert_names: List[str] = [f"{g.name}.{i}" for g in groups for i in range(g.num_experts)]
+        self.tp_group = tp_group
+        world = tp_group.size() if tp_group is not None else 1
+        rank = tp_group.rank() if tp_group is not None else 0
+        hidden, ffn = config.hidden_size, config.ffn_hidden_size
+        self.activation = config.activation_func
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
+        # Each expert as Megatron's CPU initialisation does it: the full master weight initialised
+        # (fc1 then fc2, expert by expert), then this rank's slice kept.
+        fc1, fc2 = [], []
+        for _ in self.expert_names:
+            master1, master2 = torch.empty(2 * ffn, hidden), torch.empty(hidden, ffn)
+            config.init_method(master1)
+            config.output_layer_init_method(master2)
+            fc1.append(_tp_shard(master1, 0, 2, rank, world))
+            fc2.append(_tp_shard(master2, 1, 1, rank, world))
+        make = lambda t: torch.nn.Parameter(t.to(device=device, dtype=config.params_dtype))  # noqa: E731
+        self.fc1_weight = make(torch.stack(fc1))  # [E, 2F, H]
+        self.fc2_weight = make(torch.stack(fc2))  # [E, H, F]
+        set_tensor_model_parallel_attributes(self.fc1_weight, True, 1, 2)
+        set_tensor_model_parallel_attributes(self.fc2_weight, True, 2, 1)
+        self.fc1_bias = self.fc2_bias = None
+        if config.add_bias_linear:
+            self.fc1_bias = make(torch.zeros(len(fc1), 2 * ffn // world))  # [E, 2F]
+            self.fc2_bias = make(torch.zeros(len(fc1), hidden))  # [E, H], replicated like RowParallel's
+            set_tensor_model_parallel_attributes(self.fc1_bias, True, 1, 2)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    def stacked_parameters(self) -> Dict[str, Tensor]:
+        return {name: p for name in _EXPERT_KEYS if (p := getattr(self, name)) is not None}
+
+    def expert_keys(self, name: str) -> List[str]:
+        """The per-expert checkpoint names (relative to this module) of stacked parameter ``name``."""
+        return [f"{expert}.{_EXPERT_KEYS[name]}" for expert in self.expert_names]
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts} ({', '.join(self.expert_names)}), "
+                f"fc1 {tuple(self.fc1_weight.shape)}, fc2 {tuple(self.fc2_weight.shape)}")
+
+    # -- checkpoints: one tensor per expert ------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, param in self.stacked_parameters().items():
+            stacked = param if keep_vars else param.detach()
+            for key, tensor in zip(self.expert_keys(name), stacked.unbind(0)):
+                destination[prefix + key] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        known = set()
+        for name, param in self.stacked_parameters().items():
+            keys = [prefix + key for key in self.expert_keys(name)]
+            known.update(keys)
+            if prefix + name in state_dict:  # the stacked tensor itself
+                keys, known = [prefix + name], known | {prefix + name}
+            present = [k for k in keys if k in state_dict]
+            missing_keys.extend(k for k in keys if k not in state_dict)
+            if len(present) != len(keys):
+                continue
+            incoming = [state_dict[k] for k in keys]
+            shape = param.shape if len(keys) == 1 else param.shape[1:]
+            bad = [(k, t) for k, t in zip(keys, incoming) if tuple(t.shape) != tuple(shape)]
+            if bad:
+                key, tensor = bad[0]
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(tensor.shape)} from checkpoint, the shape in current "
+                                  f"model is {tuple(shape)}.")
+                continue
+            with torch.no_grad():
+                param.copy_(incoming[0] if len(keys) == 1 else torch.stack(incoming))
+        for key in state_dict:
+            # Megatron's linears saved an ``_extra_state`` (None without FP8) per expert linear.
+            if key.startswith(prefix) and key not in known and not key.endswith("._extra_state"):
+                unexpected_keys.append(key)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        raise NotImplementedError(
+            "megatron.core dist_checkpointing of stacked MoMa experts is not supported yet; save with "
+            "moma-pretrain's checkpoints (torch.save per TP rank, one tensor per expert) or "
+            "model.state_dict()."
+        )
 
 
-def grouped_mm_supported(x_AH: Tensor, experts: Sequence) -> bool:
-    """Whether ``torch._grouped_mm`` takes these experts' operands: float32/bf16 on CPU, bf16 on
-    Hopper or newer GPUs, and every row stride a multiple of 16 bytes."""
+def stacked_parameter_sources(model: torch.nn.Module) -> Dict[str, List[str]]:
+    """{name of each stacked expert parameter in ``model``: the per-expert checkpoint names it holds,
+    in expert order}: what turns a checkpoint's per-expert tensors (or optimizer state) into it."""
+    sources = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, StackedExperts):
+            prefix = f"{module_name}." if module_name else ""
+            for name in module.stacked_parameters():
+                sources[prefix + name] = [prefix + key for key in module.expert_keys(name)]
+    return sources
+
+
+# -- execution -------------------------------------------------------------------------------------
+def choose_execution(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> str:
+    """The rule of ``moma_expert_execution="auto"``, from benchmarks/bench_moma_mlp.py:
+
+    - CPU: ``loop``. ``torch._grouped_mm`` runs one matmul per expert there anyway, and the loop's
+      SwiGLU works on one expert's slice while it is in cache, instead of on the whole [A, 2F]
+      activation (measured at d=512 / 8,192 tokens: loop 0.8-0.9x the grouped path's time, fp32 and
+      bf16; see benchmarks/README.md).
+    - CUDA: ``grouped`` where ``_grouped_mm`` takes the operands (bf16 on compute capability 9.0+,
+      16-byte row strides), else ``padded`` when the loads are even (expert choice in training gives
+      every expert of a group the same count), else ``loop`` (a padded batch of uneven loads
+      computes mostly padding).
+    """
+    if not x_AH.is_cuda:
+        return "loop"
+    if grouped_mm_supported(x_AH, experts):
+        return "grouped"
+    loads = list(tokens_per_expert)
+    even = bool(loads) and max(loads) * len(loads) <= 1.25 * max(sum(loads), 1)
+    return "padded" if even else "loop"
+
+
+def grouped_mm_supported(x_AH: Tensor, experts: StackedExperts) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: float32/bf16 on CPU, bf16 on Hopper or
+    newer GPUs, and every row stride a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x_AH.is_cuda:
@@ -57,10 +184,9 @@ def grouped_mm_supported(x_AH: Tensor, experts: Sequence) -> bool:
             return False
     elif x_AH.dtype not in (torch.float32, torch.bfloat16):
         return False
-    fc1_width, hidden = experts[0].linear_fc1.weight.shape  # [2F, H]
-    ffn_width = experts[0].linear_fc2.weight.shape[1]  # [H, F]
+    _, fc1_width, hidden = experts.fc1_weight.shape  # [E, 2F, H]
     item = x_AH.element_size()
-    return all((dim * item) % 16 == 0 for dim in (hidden, fc1_width, ffn_width))
+    return all((dim * item) % 16 == 0 for dim in (hidden, fc1_width, fc1_width // 2))
 
 
 def _swiglu(h: Tensor, activation) -> Tensor:
@@ -76,35 +202,45 @@ def expert_of_each_row(tokens_per_expert: Sequence[int], device) -> Tensor:
                                    output_size=sum(tokens_per_expert))
 
 
-def run_experts_grouped(
-    x_AH: Tensor, tokens_per_expert: Sequence[int], experts: Sequence, activation
-) -> Tensor:
-    """Fast path: grouped matmuls over the stacked weights; matches ``run_experts_loop``."""
-    w1, w2, b1, b2 = stacked_weights(experts)
+def _add_per_expert(y_AX: Tensor, bias_EX: Optional[Tensor], tokens_per_expert: Sequence[int]):
+    """y + each row's expert bias, one broadcast add per expert slice (no per-row gather)."""
+    if bias_EX is None:
+        return y_AX
+    return torch.cat([y + b for y, b in zip(torch.split(y_AX, list(tokens_per_expert)), bias_EX)])
+
+
+def run_experts_loop(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> Tensor:
+    """Reference: expert e's SwiGLU FFN on its ``tokens_per_expert[e]`` rows of ``x_AH``, in order."""
+    # Tensor parallelism: each rank holds a slice of every expert's FFN width, as Megatron's
+    # ColumnParallel/RowParallel linears do; one reduction for all experts instead of one each.
+    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=experts.tp_group)
+    b1 = experts.fc1_bias if experts.fc1_bias is not None else [None] * experts.num_experts
+    outputs = []
+    for x_CH, w1, b1_e, w2 in zip(torch.split(x_AH, list(tokens_per_expert)), experts.fc1_weight,
+                                  b1, experts.fc2_weight):
+        h_CO = torch.nn.functional.linear(x_CH, w1, b1_e)  # O = 2F: [gate; up]
+        outputs.append(torch.nn.functional.linear(_swiglu(h_CO, experts.activation), w2))
+    y_AH = reduce_from_tensor_model_parallel_region(torch.cat(outputs), group=experts.tp_group)
+    return _add_per_expert(y_AH, experts.fc2_bias, tokens_per_expert)
+
+
+def run_experts_grouped(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> Tensor:
+    """Fast path: two grouped matmuls over the stacked weights; matches ``run_experts_loop``."""
     offsets = torch.tensor(tokens_per_expert, dtype=torch.int64).cumsum(0).to(
         device=x_AH.device, dtype=torch.int32
     )
-    expert_A = None if b1 is None and b2 is None else expert_of_each_row(tokens_per_expert, x_AH.device)
-    # Tensor parallelism: each rank holds a slice of every expert's FFN width, as Megatron's
-    # ColumnParallel/RowParallel linears do; one reduction for all experts instead of one each.
-    group = experts[0].tp_group  # the MLPs' own TP group (the model's pg_collection.tp)
-    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=group)
-    h_AO = torch._grouped_mm(x_AH, w1.transpose(1, 2), offs=offsets)
-    if b1 is not None:
-        h_AO = h_AO + b1[expert_A]
-    y_AH = torch._grouped_mm(_swiglu(h_AO, activation), w2.transpose(1, 2), offs=offsets)
-    y_AH = reduce_from_tensor_model_parallel_region(y_AH, group=group)
-    if b2 is not None:
-        y_AH = y_AH + b2[expert_A]
-    return y_AH
+    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=experts.tp_group)
+    h_AO = torch._grouped_mm(x_AH, experts.fc1_weight.transpose(1, 2), offs=offsets)
+    h_AO = _add_per_expert(h_AO, experts.fc1_bias, tokens_per_expert)
+    y_AH = torch._grouped_mm(_swiglu(h_AO, experts.activation), experts.fc2_weight.transpose(1, 2),
+                             offs=offsets)
+    y_AH = reduce_from_tensor_model_parallel_region(y_AH, group=experts.tp_group)
+    return _add_per_expert(y_AH, experts.fc2_bias, tokens_per_expert)
 
 
-def run_experts_padded(
-    x_AH: Tensor, tokens_per_expert: Sequence[int], experts: Sequence, activation
-) -> Tensor:
+def run_experts_padded(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> Tensor:
     """Fast path without ``_grouped_mm``: scatter into [E, C_max, H], two ``bmm``, gather back."""
-    w1, w2, b1, b2 = stacked_weights(experts)
-    num_experts, capacity = len(experts), max(tokens_per_expert, default=0)
+    num_experts, capacity = experts.num_experts, max(tokens_per_expert, default=0)
     total, hidden = x_AH.shape
     counts = torch.tensor(list(tokens_per_expert), device=x_AH.device)
     # Row of each chosen token in the padded [E * C_max] layout: expert * C_max + rank within expert.
@@ -112,15 +248,16 @@ def run_experts_padded(
     first_row_E = torch.cumsum(counts, 0) - counts
     slot_A = expert_A * capacity + torch.arange(total, device=x_AH.device) - first_row_E[expert_A]
 
-    group = experts[0].tp_group
-    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=group)
+    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=experts.tp_group)
     x_ECH = x_AH.new_zeros(num_experts * capacity, hidden).index_copy(0, slot_A, x_AH)
     x_ECH = x_ECH.view(num_experts, capacity, hidden)
-    h_ECO = torch.bmm(x_ECH, w1.transpose(1, 2))
-    if b1 is not None:
-        h_ECO = h_ECO + b1.unsqueeze(1)
-    y_ECH = torch.bmm(_swiglu(h_ECO, activation), w2.transpose(1, 2))
-    y_AH = reduce_from_tensor_model_parallel_region(y_ECH.reshape(-1, hidden)[slot_A], group=group)
-    if b2 is not None:
-        y_AH = y_AH + b2[expert_A]
-    return y_AH
+    h_ECO = torch.bmm(x_ECH, experts.fc1_weight.transpose(1, 2))
+    if experts.fc1_bias is not None:
+        h_ECO = h_ECO + experts.fc1_bias.unsqueeze(1)
+    y_ECH = torch.bmm(_swiglu(h_ECO, experts.activation), experts.fc2_weight.transpose(1, 2))
+    y_AH = reduce_from_tensor_model_parallel_region(y_ECH.reshape(-1, hidden)[slot_A],
+                                                    group=experts.tp_group)
+    return _add_per_expert(y_AH, experts.fc2_bias, tokens_per_expert)
+
+
+RUNNERS = {"loop": run_experts_loop, "grouped": run_experts_grouped, "padded": run_experts_padded}

@@ -9,7 +9,8 @@ matmuls per forward one).
 
 Mixture-of-Depths: a MoD layer runs its projections, router and FFN for a share ``mod_capacity`` of the
 tokens, and attention among them over packed sequences about ``mod_capacity * s`` long, so its attention
-core costs ``mod_capacity**2`` of a full layer's per token; its own router adds 2h per token. Auxiliary
+core costs ``mod_capacity**2`` of a full layer's per token; its own router adds 2h per token to choose
+(without gradients) and 2h per chosen token for the gates (``mod_capacity`` of the tokens). Auxiliary
 routers are counted only when they are trained alongside (``aux_routers=True``); at inference they
 replace nothing that is counted here but add their ``2h * h/2 + 2 * h/2 * experts`` per token.
 """
@@ -25,8 +26,9 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
     """Forward matmul FLOPs per token, by part: attention projections, attention core, router,
     FFN (experts or dense), MoD routers, aux routers, output logits, and their ``total``.
 
-    ``modality_shares``: token share of each modality (default equal); only routers of groups with
-    different expert counts (7t1i) depend on it.
+    ``modality_shares``: token share of each modality (default equal); only the aux routers of groups
+    with different expert counts (7t1i) depend on it. The routers of all groups score every token in
+    one matmul (``MoMaMLP.router_logits``), so a layer's router costs 2h per expert of the layer.
     """
     h = config.hidden_size
     head_dim = config.kv_channels or h // config.num_attention_heads
@@ -46,7 +48,7 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
         router = expert_passes = 0.0
         for group in config.moma_expert_groups:
             share = sum(shares[m] for m in group.modalities)
-            router += share * 2 * h * group.num_experts
+            router += 2 * h * group.num_experts
             expert_passes += share * min(config.moma_capacity_factor, group.num_experts)
             aux += share * (2 * h * aux_hidden + 2 * aux_hidden * group.num_experts)
     per_layer = {
@@ -60,7 +62,7 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
     c = config.mod_capacity
     parts = {name: full_layers * value + num_mod * c * value for name, value in per_layer.items()}
     parts["attention_core"] = (full_layers + num_mod * c * c) * per_layer["attention_core"]
-    parts["mod_router"] = num_mod * 2 * h
+    parts["mod_router"] = num_mod * 2 * h * (1 + c)
     mod_aux = 2 * h * aux_hidden + 2 * aux_hidden
     parts["aux_routers"] = ((full_layers + num_mod * c) * aux + num_mod * mod_aux) if aux_routers else 0.0
     parts["logits"] = 2 * h * vocab_size

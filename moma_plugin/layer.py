@@ -29,7 +29,7 @@ from torch import Tensor
 from .attention import KVCache, SDPACoreAttention
 from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import MoMaConfig
-from .layout import ModalityLayout, narrow_layout
+from .layout import ModalityLayout, count_ids, narrow_layout
 from .moma_mlp import GroupRouter, MoMaMLP
 from .routing import sigmoid_scores
 
@@ -57,6 +57,21 @@ def _norm_before_residual(bias_dropout_add, norm):
         return apply
 
     return factory
+
+
+def pack_by_sample(selected_K: Tensor, batch: int):
+    """Where each selected token goes when every sample's selected tokens are packed, in order, at the
+    front of a shorter [s', b] sequence.
+
+    ``selected_K``: ascending flat token indices (t = position * batch + sample), at least one.
+    Returns ``packed_index_K`` (flat index slot * batch + sample of token k in the packed sequence,
+    slot = how many selected tokens of its sample precede it) and ``counts_B`` (selected tokens per
+    sample). As the indices ascend, a running count per sample gives the slots: no sort, no host read.
+    """
+    sample_K = selected_K % batch
+    seen_KB = (sample_K.unsqueeze(1) == torch.arange(batch, device=selected_K.device)).cumsum(0)
+    slot_K = seen_KB.gather(1, sample_K.unsqueeze(1)).squeeze(1) - 1
+    return slot_K * batch + sample_K, seen_KB[-1]
 
 
 class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
@@ -149,26 +164,31 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             )
         if isinstance(rotary_pos_emb, tuple):
             raise NotImplementedError("MoD layers take one rotary table, not separate q/k tables.")
-        seq, batch, hidden = hidden_states.shape
-        x_TH = hidden_states.reshape(-1, hidden)
-        scores_T = sigmoid_scores(self.mod_router(x_TH)).squeeze(1)
+        x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         forward_id = modality_layout.forward_id if modality_layout is not None else None
         if self.routing_mode == "causal":
             selected_K = self._aux_selected(x_TH)
         else:
-            k = min(x_TH.shape[0], math.ceil(x_TH.shape[0] * self.config.mod_capacity))
-            selected_K = scores_T.topk(k, sorted=False).indices.sort().values
+            selected_K = self._top_scored(x_TH)
             if self._should_train_aux(forward_id):
-                targets_T1 = torch.zeros_like(scores_T, dtype=torch.bool)
-                targets_T1[selected_K] = True
+                targets_T = torch.zeros(x_TH.shape[0], dtype=torch.bool, device=x_TH.device)
+                targets_T.index_fill_(0, selected_K, True)
                 self._aux_losses.append(PendingAuxLoss(
-                    self.mod_aux_router, x_TH.detach(), targets_T1.unsqueeze(1),
+                    self.mod_aux_router, x_TH.detach(), targets_T.unsqueeze(1),
                     self._modality_ids(modality_layout, x_TH), self.aux_threshold))
-        positions_T = torch.arange(seq, device=x_TH.device).repeat_interleave(batch)
-        output = self._forward_selected(hidden_states, selected_K, scores_T[selected_K],
-                                        modality_layout, positions_T, rotary_pos_emb)
-        self._record_mod_metrics(modality_layout, selected_K, x_TH, forward_id)
+        output = self._forward_selected(hidden_states, selected_K, modality_layout, None, rotary_pos_emb,
+                                        record_metrics=True, forward_id=forward_id)
         return output, context
+
+    @torch.no_grad()
+    def _top_scored(self, x_TH: Tensor) -> Tensor:
+        """Expert-choice MoD routing: the k_d tokens of highest router score, ascending. Without
+        gradients: ``_forward_selected`` computes the gates again on the chosen tokens alone, so the
+        router's backward covers k_d tokens, not all of them."""
+        k = min(x_TH.shape[0], math.ceil(x_TH.shape[0] * self.config.mod_capacity))
+        scores_T = sigmoid_scores(self.mod_router(x_TH)).squeeze(1)
+        # Ascending by a sort of the k indices, not by a mask's nonzero (which syncs on CUDA).
+        return scores_T.topk(k, sorted=False).indices.sort().values
 
     def _aux_selected(self, x_TH: Tensor, valid_T: Optional[Tensor] = None) -> Tensor:
         """Causal MoD routing: the tokens whose aux router says p > threshold (ascending)."""
@@ -183,51 +203,59 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             return layout.modality_ids_T
         return torch.zeros(x_TH.shape[0], dtype=torch.long, device=x_TH.device)
 
-    def _forward_selected(self, hidden_states: Tensor, selected_K: Tensor, gate_K: Optional[Tensor],
-                          layout: Optional[ModalityLayout], positions_T: Tensor,
-                          rotary_pos_emb: Optional[Tensor], kv_cache: Optional[KVCache] = None):
+    def _forward_selected(self, hidden_states: Tensor, selected_K: Tensor,
+                          layout: Optional[ModalityLayout], positions_T: Optional[Tensor],
+                          rotary_pos_emb: Optional[Tensor], kv_cache: Optional[KVCache] = None,
+                          record_metrics: bool = False, forward_id: Optional[int] = None):
         """Runs the layer on the tokens ``selected_K`` (ascending flat indices into [s*b]) only.
 
         Each sample's selected tokens are packed at the front of a [s', b] sequence (s' = the most any
         sample has), keeping their order. ``positions_T`` are the tokens' positions in their sequences
-        (for rotary embeddings: ``rotary_pos_emb`` is a table indexed by position). With ``gate_K`` a
-        selected token leaves as x + gate * (layer(x) - x), without it as layer(x). Others: unchanged.
+        (for rotary embeddings: ``rotary_pos_emb`` is a table indexed by position); None: token t is
+        at position t // b. In a MoD layer a selected token leaves as x + r * (layer(x) - x), r its
+        router score; otherwise as layer(x). Others: unchanged. ``record_metrics``: count the tokens
+        in ``mod_tokens_M2`` (once per ``forward_id``). One host read: the packed length together with
+        the selected tokens per modality (the narrowed layout's counts).
         """
         seq, batch, hidden = hidden_states.shape
         x_TH = hidden_states.reshape(-1, hidden)
+        modality_T = self._modality_ids(layout, x_TH)
+        selected_M = count_ids(modality_T.index_select(0, selected_K), self.config.num_modalities)
+        if record_metrics:
+            self._record_mod_metrics(modality_T, selected_M, forward_id)
         num_selected = selected_K.numel()
         if num_selected == 0:
             return hidden_states
-        sample_K = selected_K % batch
-        counts_B = torch.bincount(sample_K, minlength=batch)
-        by_sample = torch.argsort(sample_K, stable=True)
-        starts_B = torch.cumsum(counts_B, 0) - counts_B
-        slot_K = torch.empty_like(selected_K)
-        slot_K[by_sample] = (torch.arange(num_selected, device=x_TH.device)
-                             - starts_B[sample_K[by_sample]])
-        packed_len = int(counts_B.max())
-        packed_index_K = slot_K * batch + sample_K
-        x_KH = x_TH[selected_K]
-        packed = x_TH.new_zeros(packed_len * batch, hidden).index_copy(0, packed_index_K, x_KH)
+        packed_index_K, counts_B = pack_by_sample(selected_K, batch)
+        packed_len, *selected_per_modality = torch.cat([counts_B.max().reshape(1), selected_M]).tolist()
+        x_KH = x_TH.index_select(0, selected_K)
+        packed_PH = x_KH.new_zeros(packed_len * batch, hidden).index_copy_(0, packed_index_K, x_KH)
         rotary = None
         if rotary_pos_emb is not None:
-            packed_positions = torch.zeros(packed_len * batch, dtype=torch.long, device=x_TH.device)
-            packed_positions.index_copy_(0, packed_index_K, positions_T[selected_K])
-            rotary = rotary_pos_emb[packed_positions].reshape(
+            positions_K = (selected_K // batch if positions_T is None
+                           else positions_T.index_select(0, selected_K))
+            packed_positions_P = positions_K.new_zeros(packed_len * batch).index_copy_(
+                0, packed_index_K, positions_K)
+            rotary = rotary_pos_emb.index_select(0, packed_positions_P).reshape(
                 packed_len, batch, *rotary_pos_emb.shape[2:])
         with self._kv_cache_scope(kv_cache, counts_B):
-            attended, _ = self._forward_attention(packed.view(packed_len, batch, hidden),
+            attended, _ = self._forward_attention(packed_PH.view(packed_len, batch, hidden),
                                                   rotary_pos_emb=rotary)
-        y_K1H = attended.reshape(-1, hidden)[packed_index_K].unsqueeze(1)
+        y_K1H = attended.reshape(-1, hidden).index_select(0, packed_index_K).unsqueeze(1)
         if self.has_moma_mlp:
-            with self.mlp.routing_layout(narrow_layout(layout, selected_K)):
+            narrowed = narrow_layout(layout, selected_K, selected_per_modality)
+            with self.mlp.routing_layout(narrowed):
                 out_K1H = self._forward_mlp(y_K1H)
         else:
             out_K1H = self._forward_mlp(y_K1H)
         out_KH = out_K1H.reshape(num_selected, hidden)
-        if gate_K is not None:
-            out_KH = x_KH + gate_K.unsqueeze(1).to(out_KH.dtype) * (out_KH - x_KH)
-        return x_TH.index_copy(0, selected_K, out_KH).view(seq, batch, hidden)
+        if not self.is_mod:
+            return x_TH.index_copy(0, selected_K, out_KH).view(seq, batch, hidden)
+        gate_K1 = sigmoid_scores(self.mod_router(x_KH))
+        # x + r * (out - x) on the selected rows. index_add, unlike index_copy, passes the output's
+        # gradient to x_TH as it is (index_copy's backward clones it and zeroes the selected rows).
+        delta_KH = gate_K1.to(out_KH.dtype) * (out_KH - x_KH)
+        return x_TH.index_add(0, selected_K, delta_KH).view(seq, batch, hidden)
 
     @contextlib.contextmanager
     def _kv_cache_scope(self, cache: Optional[KVCache], counts_B: Tensor):
@@ -247,14 +275,14 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             core.kv_cache = None
 
     @torch.no_grad()
-    def _record_mod_metrics(self, layout, selected_K, x_TH, forward_id):
+    def _record_mod_metrics(self, modality_T: Tensor, processed_M: Tensor, forward_id: Optional[int]):
+        """Adds the processed tokens per modality (``processed_M``) and all tokens per modality to
+        ``mod_tokens_M2``, once per forward id (not again when activation recompute reruns it)."""
         if forward_id is not None and forward_id == self._mod_recorded_forward_id:
             return
         self._mod_recorded_forward_id = forward_id
-        modality_T = self._modality_ids(layout, x_TH)
-        num_modalities = self.mod_tokens_M2.shape[0]
-        self.mod_tokens_M2[:, 0] += torch.bincount(modality_T[selected_K], minlength=num_modalities)
-        self.mod_tokens_M2[:, 1] += torch.bincount(modality_T, minlength=num_modalities)
+        self.mod_tokens_M2[:, 0] += processed_M
+        self.mod_tokens_M2[:, 1] += count_ids(modality_T, self.mod_tokens_M2.shape[0])
 
     def reset_metrics(self):
         if self.is_mod:
@@ -272,8 +300,7 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         if self.is_mod:
             selected_K = self._aux_selected(x_TH, valid_T)
-            gate_K = sigmoid_scores(self.mod_router(x_TH[selected_K])).squeeze(1)
         else:
-            selected_K, gate_K = valid_T.nonzero().squeeze(1), None
-        return self._forward_selected(hidden_states, selected_K, gate_K, layout, positions_T,
-                                      rotary_pos_emb, kv_cache)
+            selected_K = valid_T.nonzero().squeeze(1)
+        return self._forward_selected(hidden_states, selected_K, layout, positions_T, rotary_pos_emb,
+                                      kv_cache)

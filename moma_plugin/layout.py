@@ -10,7 +10,7 @@ token t = position * batch + sample.
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -87,19 +87,24 @@ def modality_ids_from_tokens(
     return ids
 
 
+def count_ids(ids_N: Tensor, num_ids: int) -> Tensor:
+    """[num_ids] int64 occurrences of each id in ``ids_N`` (ids in [0, num_ids)): ``torch.bincount``
+    without its host synchronisation (on CUDA bincount reads the largest id to size its output)."""
+    return torch.zeros(num_ids, dtype=torch.long, device=ids_N.device).index_add_(
+        0, ids_N, torch.ones_like(ids_N, dtype=torch.long))
 
-def narrow_layout(layout: ModalityLayout, selected_K: Tensor) -> ModalityLayout:
-    """The layout of the tokens ``selected_K`` (ascending indices into ``layout``'s tokens), numbered
-    0..K-1 in that order: what a Mixture-of-Depths layer hands its MoMa MLP.
 
-    Narrowing permutes the parent's modality order instead of sorting again: the parent order restricted
-    to the selected tokens is already grouped by modality. One host read (the per-modality counts).
-    Keeps the parent's ``forward_id``, so recomputed forwards are still recognised.
+def narrow_layout(layout: ModalityLayout, selected_K: Tensor,
+                  counts: Optional[Sequence[int]] = None) -> ModalityLayout:
+    """The layout of the tokens ``selected_K`` (indices into ``layout``'s tokens), numbered 0..K-1 in
+    that order: what a Mixture-of-Depths layer hands its MoMa MLP.
+
+    ``counts``: the selected tokens per modality, if the caller has already read them from the device
+    (a MoD layer reads them together with its packed length); otherwise they are read here, the only
+    host synchronisation. Keeps the parent's ``forward_id``, so recomputed forwards are still recognised.
     """
-    child_of_T = torch.full((layout.num_tokens,), -1, dtype=torch.long, device=selected_K.device)
-    child_of_T[selected_K] = torch.arange(selected_K.numel(), device=selected_K.device)
-    child_order = child_of_T[layout.order_T]
-    order_K = child_order[child_order >= 0]
-    modality_ids_K = layout.modality_ids_T[selected_K]
-    counts = torch.bincount(modality_ids_K, minlength=layout.num_modalities).tolist()
+    modality_ids_K = layout.modality_ids_T.index_select(0, selected_K)
+    if counts is None:
+        counts = count_ids(modality_ids_K, layout.num_modalities).tolist()
+    order_K = torch.sort(modality_ids_K, stable=True).indices
     return ModalityLayout(modality_ids_K, order_K, tuple(counts), forward_id=layout.forward_id)

@@ -4,7 +4,7 @@ Forward, in named stages:
   1. route:   each group's router scores the tokens of its modality (sigmoid, float32); each expert
               takes its top k_e = ceil(b^M * capacity_factor / |E^M|) tokens (expert choice).
   2. dispatch: gather the chosen tokens, sorted by expert (all groups in one list).
-  3. compute: run the experts (reference loop, grouped matmul, or padded bmm).
+  3. compute: run the experts (loop over expert slices, grouped matmul, or padded bmm; ``auto`` picks).
   4. combine: weight each output by its sigmoid score and add it back at its token's position.
 """
 
@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
 
 from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import ExpertGroup, MoMaConfig, expert_capacity
 from .experts import (
+    StackedExperts,
+    choose_execution,
     expert_of_each_row,
     grouped_mm_supported,
     run_experts_grouped,
@@ -33,9 +34,9 @@ from .routing import balanced_choice, expert_choice, sigmoid_scores, threshold_c
 
 @dataclass
 class MoMaMLPSubmodules:
-    """``experts``: the linear layers of each expert's MLP (Megatron's ``MLPSubmodules``)."""
+    """``experts``: the module holding the layer's experts (``StackedExperts``: stacked SwiGLU weights)."""
 
-    experts: Union[MLPSubmodules, ModuleSpec] = None
+    experts: Union[type, ModuleSpec] = StackedExperts
 
 
 class GroupRouter(torch.nn.Module):
@@ -70,9 +71,10 @@ class RoutingPlan:
 class MoMaMLP(MegatronModule, AuxRouterOwner):
     """Replaces the dense MLP: modality groups of SwiGLU experts with expert-choice routing.
 
-    Parameters are named by group: ``router.<group>.weight``, ``aux_router.<group>.fc{1,2}`` and
-    ``experts.<group>.<index>.linear_fc{1,2}.weight``, where <group> is a modality name (or "shared"
-    for an ``Nx`` layout) and <index> the expert's index in its group.
+    Parameters: ``router.<group>.weight``, ``aux_router.<group>.fc{1,2}``, and the experts of all groups
+    stacked in ``experts.fc{1,2}_weight`` (``experts.fc{1,2}_bias`` with biases). Checkpoints hold one
+    tensor per expert, ``experts.<group>.<index>.linear_fc{1,2}.weight``, where <group> is a modality
+    name (or "shared" for an ``Nx`` layout) and <index> the expert's index in its group.
 
     Routing modes (``moma_plugin.set_routing_mode``): ``train`` is expert choice over the micro-batch;
     ``causal`` sends a token to expert j iff its aux router says p_j > threshold.
@@ -90,9 +92,6 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
     ):
         super().__init__(config=config)
         self.groups: List[ExpertGroup] = list(config.moma_expert_groups)
-        expert_submodules = submodules.experts
-        if isinstance(expert_submodules, ModuleSpec):
-            expert_submodules = expert_submodules.submodules
         self.router = torch.nn.ModuleDict(
             {g.name: GroupRouter(config, g.num_experts) for g in self.groups}
         )
@@ -100,16 +99,10 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
             {g.name: AuxRouter(config, g.num_experts) for g in self.groups}
         )
         self._init_aux_state(config.moma_aux_threshold)
-        self.experts = torch.nn.ModuleDict(
-            {
-                g.name: torch.nn.ModuleList(
-                    MLP(config, expert_submodules, ffn_hidden_size=config.ffn_hidden_size,
-                        tp_group=tp_group)
-                    for _ in range(g.num_experts)
-                )
-                for g in self.groups
-            }
-        )
+        experts = submodules.experts if submodules is not None else StackedExperts
+        if not isinstance(experts, ModuleSpec):
+            experts = ModuleSpec(module=experts)
+        self.experts = build_module(experts, config=config, groups=self.groups, tp_group=tp_group)
         num_experts = sum(g.num_experts for g in self.groups)
         self.register_buffer(
             "tokens_per_expert_ME", torch.zeros(config.num_modalities, num_experts, dtype=torch.long),
@@ -137,9 +130,6 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
 
     def aux_routers(self):
         return [("experts", self.aux_router[g.name]) for g in self.groups]
-
-    def all_experts(self) -> List[MLP]:
-        return [expert for g in self.groups for expert in self.experts[g.name]]
 
     def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **kwargs):
         """hidden_states [s, b, H] -> (output [s, b, H], None)."""
@@ -172,27 +162,36 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         choose = balanced_choice if self.config.moma_force_balanced_routing else expert_choice
         noise = self.config.moma_router_gumbel_noise and self.training
         train_aux = self._should_train_aux(layout.forward_id)
-        token_indices, gates, tokens_per_expert = [], [], []
+        logits_TE = self.router_logits(x_TH)
+        token_indices, gates, tokens_per_expert, first = [], [], [], 0
         for group in self.groups:
             group_tokens_G = layout.token_indices(group.modalities)
             capacity = expert_capacity(
                 layout.token_count(group.modalities), group.num_experts,
                 self.config.moma_capacity_factor,
             )
-            x_GH = x_TH[group_tokens_G]
-            scores_GE = sigmoid_scores(self.router[group.name](x_GH), noise)
-            local_index_EC, gate_EC = choose(scores_GE, capacity)
+            logits_GE = logits_TE[group_tokens_G, first:first + group.num_experts]
+            first += group.num_experts
+            local_index_EC, gate_EC = choose(sigmoid_scores(logits_GE, noise), capacity)
             token_indices.append(group_tokens_G[local_index_EC].reshape(-1))
             gates.append(gate_EC.reshape(-1))
             tokens_per_expert.extend([capacity] * group.num_experts)
-            if train_aux and x_GH.shape[0]:
-                targets_GE = torch.zeros_like(scores_GE, dtype=torch.bool)
-                experts_EC = torch.arange(group.num_experts, device=x_GH.device).unsqueeze(1)
+            if train_aux and group_tokens_G.numel():
+                targets_GE = torch.zeros_like(logits_GE, dtype=torch.bool)
+                experts_EC = torch.arange(group.num_experts, device=x_TH.device).unsqueeze(1)
                 targets_GE[local_index_EC, experts_EC.expand_as(local_index_EC)] = True
                 self._aux_losses.append(PendingAuxLoss(
-                    self.aux_router[group.name], x_GH.detach(), targets_GE,
+                    self.aux_router[group.name], x_TH.detach()[group_tokens_G], targets_GE,
                     layout.modality_ids_T[group_tokens_G], self.aux_threshold))
         return RoutingPlan(torch.cat(token_indices), torch.cat(gates), tokens_per_expert)
+
+    def router_logits(self, x_TH: Tensor) -> Tensor:
+        """[T, E] logits of every group's router for every token, in one matmul (a group then reads
+        its own tokens' rows and its experts' columns)."""
+        weight_EH = torch.cat([self.router[g.name].weight for g in self.groups])
+        if self.config.moma_router_fp32:
+            return torch.nn.functional.linear(x_TH.float(), weight_EH.float())
+        return torch.nn.functional.linear(x_TH, weight_EH)
 
     def route_causal(self, x_TH: Tensor, layout: ModalityLayout) -> RoutingPlan:
         """Stage 1 at inference: token t goes to expert j iff aux_router(x_t)_j > threshold; the main
@@ -212,12 +211,15 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
 
     def compute(self, x_AH: Tensor, tokens_per_expert: List[int]) -> Tensor:
         """Stage 3: every expert on its tokens; [A, H] in, [A, H] out, same order."""
-        experts = self.all_experts()
-        if self.config.moma_expert_execution == "loop":
-            return run_experts_loop(x_AH, tokens_per_expert, experts)
-        if grouped_mm_supported(x_AH, experts):
-            return run_experts_grouped(x_AH, tokens_per_expert, experts, self.config.activation_func)
-        return run_experts_padded(x_AH, tokens_per_expert, experts, self.config.activation_func)
+        execution = self.config.moma_expert_execution
+        if execution == "auto":
+            execution = choose_execution(x_AH, tokens_per_expert, self.experts)
+        if execution == "grouped" and not grouped_mm_supported(x_AH, self.experts):
+            execution = "padded"
+        # Looked up here at call time, so tests and benchmarks can see which runner ran.
+        runner = {"loop": run_experts_loop, "grouped": run_experts_grouped,
+                  "padded": run_experts_padded}[execution]
+        return runner(x_AH, tokens_per_expert, self.experts)
 
     @torch.no_grad()
     def _record_metrics(self, layout: ModalityLayout, plan: RoutingPlan):

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import (
 
 from .attention import SDPACoreAttention
 from .config import MoMaConfig
+from .experts import StackedExperts
 from .layer import MoMaTransformerLayer, MoMaTransformerLayerSubmodules
 from .moma_mlp import MoMaMLP, MoMaMLPSubmodules
 
@@ -68,13 +69,12 @@ def get_moma_layer_submodules(config: MoMaConfig, use_te: Optional[bool] = None)
     fuse_attention_norm = backend.fuse_layernorm_and_linear() and not config.moma_post_norm
     linear_qkv = (backend.column_parallel_layer_norm_linear() if fuse_attention_norm
                   else backend.column_parallel_linear())
-    expert_linears = MLPSubmodules(
-        linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()
-    )
     if config.is_dense:
-        mlp = ModuleSpec(module=MLP, submodules=expert_linears)
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
+            linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()))
     else:
-        mlp = ModuleSpec(module=MoMaMLP, submodules=MoMaMLPSubmodules(experts=expert_linears))
+        # The experts' stacked weights run through moma_plugin.experts on either backend.
+        mlp = ModuleSpec(module=MoMaMLP, submodules=MoMaMLPSubmodules(experts=StackedExperts))
     post = config.moma_post_norm
     return MoMaTransformerLayerSubmodules(
         input_layernorm=IdentityOp if (post or fuse_attention_norm) else norm,

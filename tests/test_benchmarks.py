@@ -28,3 +28,15 @@ def test_generation_benchmark_smoke_run():
     for name in ("4t4i", "MoD 4t4i"):
         assert re.search(rf"^\| {name} \| [0-9,]+ \| [0-9,]+ \| [0-9.]+x \|$", result.stdout,
                          re.MULTILINE), result.stdout
+
+
+def test_paper_configs_benchmark_smoke_run():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_paper_configs.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    agreement = re.search(r"^max \|loss - loss_loop\| .*: ([0-9.e+-]+), relative ([0-9.e+-]+)", result.stdout,
+                          re.MULTILINE)
+    assert agreement and float(agreement.group(2)) < 1e-4, result.stdout
+    for name in ("dense", "1t1i", "8x", "4t4i", "MoD 1t1i", "MoD 4t4i"):
+        rows = re.findall(rf"^\| {name} \| [0-9]", result.stdout, re.MULTILINE)
+        assert len(rows) == 3, (name, result.stdout)  # wall, 1-thread CPU and aten-op tables

@@ -13,6 +13,8 @@ from moma_plugin.aux_router import (
     set_aux_router_training,
     set_routing_mode,
 )
+from moma_plugin.layer import pack_by_sample
+from moma_plugin.layout import count_ids
 from moma_plugin.routing import threshold_choice, threshold_choice_reference
 
 from .helpers import random_batch, tiny_config, tiny_model
@@ -152,6 +154,39 @@ def test_packed_mod_layer_matches_a_per_sample_reference(experts):
     finally:
         layer.is_mod = True
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def _pack_by_sample_reference(selected, batch):
+    """Obviously correct: walk each sample's selected tokens in order, giving them slots 0, 1, ..."""
+    packed_index, counts = {}, [0] * batch
+    for sample in range(batch):
+        for t in selected:
+            if t % batch == sample:
+                packed_index[t] = counts[sample] * batch + sample
+                counts[sample] += 1
+    return [packed_index[t] for t in selected], counts
+
+
+def test_pack_by_sample_matches_a_per_sample_loop():
+    g = torch.Generator().manual_seed(0)
+    cases = [(1, 1, [0]), (3, 2, [5]), (2, 4, [0, 1, 2, 3, 4, 5, 6, 7])]  # one token, all tokens
+    for trial in range(40):
+        batch, seq = 1 + trial % 5, int(torch.randint(1, 30, (1,), generator=g))
+        keep = torch.rand(seq * batch, generator=g) < [0.1, 0.5, 0.9][trial % 3]
+        keep[int(torch.randint(0, seq * batch, (1,), generator=g))] = True  # at least one token
+        cases.append((batch, seq, keep.nonzero().squeeze(1).tolist()))
+    for batch, seq, selected in cases:
+        packed_index_K, counts_B = pack_by_sample(torch.tensor(selected), batch)
+        expected_index, expected_counts = _pack_by_sample_reference(selected, batch)
+        assert packed_index_K.tolist() == expected_index, (batch, seq, selected)
+        assert counts_B.tolist() == expected_counts, (batch, seq, selected)
+
+
+def test_count_ids_matches_bincount():
+    g = torch.Generator().manual_seed(1)
+    for n, num_ids in [(0, 2), (1, 1), (50, 3), (7, 5)]:
+        ids = torch.randint(0, num_ids, (n,), generator=g)
+        assert torch.equal(count_ids(ids, num_ids), torch.bincount(ids, minlength=num_ids))
 
 
 def test_narrowed_layout_equals_a_fresh_build():

@@ -1,4 +1,5 @@
-"""The MoMa MLP: expert choice inside modality groups, fast paths against the reference loop, and
+"""The MoMa MLP: expert choice inside modality groups, the expert executions against the reference
+loop and the loop against a row-by-row definition, stacked weights in per-expert checkpoints, and
 the dense-MLP oracle."""
 
 import pytest
@@ -8,6 +9,12 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
 import moma_plugin.moma_mlp as moma_mlp_module
 from moma_plugin.config import expert_capacity
+from moma_plugin.experts import (
+    expert_of_each_row,
+    run_experts_grouped,
+    run_experts_loop,
+    run_experts_padded,
+)
 
 from .helpers import moma_mlp, run_mlp, tiny_config
 
@@ -46,13 +53,11 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
-@pytest.mark.parametrize("fast_path", ["grouped", "padded"])
+@pytest.mark.parametrize("execution", ["grouped", "padded", "auto"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fast_paths_match_reference_loop(overrides, fast_path, seed, monkeypatch):
+def test_fast_paths_match_reference_loop(overrides, execution, seed):
     loop = moma_mlp(tiny_config(moma_expert_execution="loop", **overrides), seed=seed)
-    fast = moma_mlp(tiny_config(moma_expert_execution="grouped", **overrides), seed=seed)
-    if fast_path == "padded":
-        monkeypatch.setattr(moma_mlp_module, "grouped_mm_supported", lambda *a: False)
+    fast = moma_mlp(tiny_config(moma_expert_execution=execution, **overrides), seed=seed)
     x, ids, target = _inputs(num_modalities=loop.config.num_modalities, seed=seed)
     ref_out, ref_dx, ref_grads = _forward_backward(loop, x, ids, target)
     out, dx, grads = _forward_backward(fast, x, ids, target)
@@ -63,21 +68,63 @@ def test_fast_paths_match_reference_loop(overrides, fast_path, seed, monkeypatch
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+def _row_by_row(x_AH, tokens_per_expert, experts):
+    """The definition, in float64: row r of expert e is W2_e (silu(gate_e(x_r)) * up_e(x_r)) + b2_e."""
+    expert_A = expert_of_each_row(tokens_per_expert, x_AH.device)
+    rows = []
+    for x_H, e in zip(x_AH.double(), expert_A.tolist()):
+        h = experts.fc1_weight[e].double() @ x_H
+        if experts.fc1_bias is not None:
+            h = h + experts.fc1_bias[e].double()
+        gate, up = h.chunk(2)
+        y = experts.fc2_weight[e].double() @ (torch.nn.functional.silu(gate) * up)
+        rows.append(y + experts.fc2_bias[e].double() if experts.fc2_bias is not None else y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("loads", [[3, 0, 5, 1], [4, 4, 4, 4], [0, 0, 0, 7]])
+def test_every_execution_matches_the_row_by_row_definition(bias, loads):
+    """Random weights (biases too) and uneven loads, idle experts included."""
+    mlp = moma_mlp(tiny_config(moma_experts="2t2i", add_bias_linear=bias))
+    experts = mlp.experts
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.2)
+    x_AH = torch.randn(sum(loads), 32, generator=torch.Generator().manual_seed(3))
+    expected = _row_by_row(x_AH, loads, experts).float()
+    for run in (run_experts_loop, run_experts_grouped, run_experts_padded):
+        torch.testing.assert_close(run(x_AH, loads, experts), expected, rtol=1e-5, atol=1e-5,
+                                   msg=run.__name__)
+
+
 def test_grouped_path_uses_grouped_mm(monkeypatch):
     calls = []
     original = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
-    mlp = moma_mlp(tiny_config(moma_experts="4t4i"))
+    mlp = moma_mlp(tiny_config(moma_experts="4t4i", moma_expert_execution="grouped"))
     x, ids, target = _inputs()
     run_mlp(mlp, x, ids)
     assert len(calls) == 2  # fc1 and fc2, all experts at once
+
+
+def test_auto_runs_the_loop_on_cpu(monkeypatch):
+    """The rule of moma_plugin.experts.choose_execution: on CPU the loop over expert slices."""
+    calls = []
+    monkeypatch.setattr(moma_mlp_module, "run_experts_loop",
+                        lambda *a: calls.append(1) or run_experts_loop(*a))
+    mlp = moma_mlp(tiny_config(moma_experts="4t4i"))
+    assert mlp.config.moma_expert_execution == "auto"
+    run_mlp(mlp, *_inputs()[:2])
+    assert calls == [1]
 
 
 def test_odd_hidden_size_falls_back_to_padded_path():
     # 30 * 4 bytes is not a multiple of 16: _grouped_mm cannot take it.
     loop = moma_mlp(tiny_config(hidden_size=30, num_attention_heads=2, ffn_hidden_size=50,
                                 moma_expert_execution="loop"))
-    fast = moma_mlp(tiny_config(hidden_size=30, num_attention_heads=2, ffn_hidden_size=50))
+    fast = moma_mlp(tiny_config(hidden_size=30, num_attention_heads=2, ffn_hidden_size=50,
+                                moma_expert_execution="grouped"))
     x, ids, target = _inputs(hidden=30)
     torch.testing.assert_close(_forward_backward(fast, x, ids, target)[0],
                                _forward_backward(loop, x, ids, target)[0])
@@ -121,9 +168,9 @@ def test_modality_absent_from_micro_batch_still_runs_every_expert():
             assert not p.requires_grad and p.grad is None, name
             continue
         assert p.grad is not None, name  # an idle expert still gets a (zero) gradient
-    image_expert = grads["experts.image.0.linear_fc1.weight"]
-    assert image_expert.abs().sum() == 0
-    assert grads["experts.text.0.linear_fc1.weight"].abs().sum() > 0
+    image_experts = grads["experts.fc1_weight"][2:]  # text 0, 1, then image 0, 1
+    assert image_experts.abs().sum() == 0
+    assert grads["experts.fc1_weight"][:2].abs().sum() > 0
 
 
 def test_shared_experts_route_across_modalities():
@@ -138,13 +185,38 @@ def test_shared_experts_route_across_modalities():
     assert [n for n, _ in mlp.named_parameters()][0] == "router.shared.weight"
 
 
-def test_parameter_names_carry_the_modality():
-    mlp = moma_mlp(tiny_config(moma_experts="2t3i"))
+def test_checkpoint_names_carry_the_modality_and_the_expert():
+    mlp = moma_mlp(tiny_config(moma_experts="2t3i", add_bias_linear=True))
     names = {n for n, _ in mlp.named_parameters()}
     assert "router.text.weight" in names and "router.image.weight" in names
-    assert "experts.image.2.linear_fc1.weight" in names
-    assert "experts.text.1.linear_fc2.weight" in names
-    assert all(n.split(".")[1] in ("text", "image") for n in names)
+    assert {"experts.fc1_weight", "experts.fc2_weight", "experts.fc1_bias", "experts.fc2_bias"} < names
+    state = mlp.state_dict()
+    experts = sorted(k for k in state if k.startswith("experts."))
+    assert experts == sorted(f"experts.{g}.{i}.linear_fc{n}.{kind}" for g, count in (("text", 2), ("image", 3))
+                             for i in range(count) for n in (1, 2) for kind in ("weight", "bias"))
+    torch.testing.assert_close(state["experts.image.2.linear_fc1.weight"], mlp.experts.fc1_weight[4])
+    torch.testing.assert_close(state["experts.text.1.linear_fc2.bias"], mlp.experts.fc2_bias[1])
+
+
+def test_state_dict_round_trip_and_errors():
+    source = moma_mlp(tiny_config(moma_experts="2t2i", add_bias_linear=True), seed=1)
+    target = moma_mlp(tiny_config(moma_experts="2t2i", add_bias_linear=True), seed=2)
+    state = source.state_dict()
+    target.load_state_dict(state)
+    for name, p in source.named_parameters():
+        torch.testing.assert_close(dict(target.named_parameters())[name], p, rtol=0, atol=0)
+    x, ids, target_grad = _inputs()
+    torch.testing.assert_close(run_mlp(target, x, ids)[0], run_mlp(source, x, ids)[0])
+    # One expert missing, one extra, one of the wrong shape: each reported by name.
+    broken = dict(state)
+    del broken["experts.image.1.linear_fc2.weight"]
+    broken["experts.image.7.linear_fc1.weight"] = state["experts.text.0.linear_fc1.weight"]
+    result = target.load_state_dict(broken, strict=False)
+    assert result.missing_keys == ["experts.image.1.linear_fc2.weight"]
+    assert result.unexpected_keys == ["experts.image.7.linear_fc1.weight"]
+    wrong = dict(state, **{"experts.text.1.linear_fc1.weight": torch.zeros(3, 32)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for experts\.text\.1\.linear_fc1\.weight"):
+        target.load_state_dict(wrong)
 
 
 def test_oracle_one_expert_per_modality_equals_dense_mlp(monkeypatch):
@@ -152,11 +224,11 @@ def test_oracle_one_expert_per_modality_equals_dense_mlp(monkeypatch):
     config = tiny_config(moma_experts="1t1i", add_bias_linear=True)
     dense = MLP(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                 ffn_hidden_size=config.ffn_hidden_size)
-    for execution in ("loop", "grouped"):
+    for execution in ("loop", "grouped", "padded"):
         config.moma_expert_execution = execution
         mlp = moma_mlp(config)
-        for expert in mlp.all_experts():
-            expert.load_state_dict(dense.state_dict())
+        mlp.experts.load_state_dict({f"{expert}.{key}": value for expert in ("text.0", "image.0")
+                                     for key, value in dense.state_dict().items()})
         monkeypatch.setattr(moma_mlp_module, "sigmoid_scores",
                             lambda logits, noise: torch.ones_like(logits.float()))
         x, ids, target = _inputs()
@@ -169,7 +241,8 @@ def test_oracle_one_expert_per_modality_equals_dense_mlp(monkeypatch):
         torch.testing.assert_close(dx, x_dense.grad, rtol=1e-5, atol=1e-5)
         for name, p in dense.named_parameters():
             # Each token went to exactly one of the two copies: their gradients add up to dense's.
-            summed = grads[f"experts.text.0.{name}"] + grads[f"experts.image.0.{name}"]
+            stacked = "experts." + name.replace("linear_", "").replace(".", "_")
+            summed = grads[stacked][0] + grads[stacked][1]
             torch.testing.assert_close(summed, p.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
@@ -190,9 +263,10 @@ def test_metrics_record_loads_and_selection_histogram():
     assert mlp.tokens_per_expert_ME.sum() == 0
 
 
-def test_bf16_grouped_path_close_to_fp32_reference():
+@pytest.mark.parametrize("execution", ["loop", "grouped", "padded"])
+def test_bf16_executions_close_to_fp32_reference(execution):
     loop = moma_mlp(tiny_config(moma_expert_execution="loop"))
-    fast = moma_mlp(tiny_config()).to(torch.bfloat16)
+    fast = moma_mlp(tiny_config(moma_expert_execution=execution)).to(torch.bfloat16)
     x, ids, _ = _inputs()
     ref = run_mlp(loop, x.detach(), ids)[0]
     out = run_mlp(fast, x.detach().bfloat16(), ids)[0]

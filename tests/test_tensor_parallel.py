@@ -19,6 +19,7 @@ import torch
 
 import moma_plugin as mp
 from moma_plugin import moma_mlp as moma_mlp_module
+from moma_plugin.experts import _tp_shard
 
 from .conftest import free_port, run_ranks
 from .helpers import random_batch, tiny_config, tiny_model
@@ -29,18 +30,18 @@ BATCH, SEQ, VOCAB = 2, 16, 64
 
 # name -> (config overrides, expert path that must run). Sizes keep every fp32 row stride of the
 # per-rank expert weights a multiple of 16 bytes (H=32, 2F=64, F=32 at TP=2), so 'grouped' really
-# runs torch._grouped_mm on CPU; 'padded' hides _grouped_mm to run the bmm fallback.
+# runs torch._grouped_mm on CPU.
 _BASE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64)
 VARIANTS = {
     "loop": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="loop"), "loop"),
     "grouped": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="grouped"), "grouped"),
-    "padded": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="grouped"), "padded"),
+    "padded": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="padded"), "padded"),
     "loop-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
                           moma_expert_execution="loop"), "loop"),
     "grouped-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
                              moma_expert_execution="grouped"), "grouped"),
     "padded-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
-                            moma_expert_execution="grouped"), "padded"),
+                            moma_expert_execution="padded"), "padded"),
 }
 
 # Run at TP=1 on each rank's own process group while the global TP size is 2.
@@ -53,9 +54,30 @@ EXPECTED_SPLITS = [
     (r"output_layer\.weight", 0, 1),
     (r".*\.self_attention\.linear_qkv\.(weight|bias)", 0, 1),
     (r".*\.self_attention\.linear_proj\.weight", 1, 1),
-    (r".*\.mlp\.experts\.\w+\.\d+\.linear_fc1\.(weight|bias)", 0, 2),  # SwiGLU [gate; up]
+    (r".*\.mlp\.experts\.fc1_(weight|bias)", 1, 2),  # [E, 2F, H]: SwiGLU [gate; up] per expert
+    (r".*\.mlp\.experts\.fc2_weight", 2, 1),  # [E, H, F]
+]
+# The same split in checkpoint (per-expert) names: [2F, H] and [H, F] per expert.
+CHECKPOINT_SPLITS = EXPECTED_SPLITS[:4] + [
+    (r".*\.mlp\.experts\.\w+\.\d+\.linear_fc1\.(weight|bias)", 0, 2),
     (r".*\.mlp\.experts\.\w+\.\d+\.linear_fc2\.weight", 1, 1),
 ]
+
+
+def split_of(name: str, splits=EXPECTED_SPLITS):
+    """(partition dim, stride) of the tensor ``name`` by the tables above; None when replicated."""
+    found = [(d, s) for pattern, d, s in splits if re.fullmatch(pattern, name)]
+    return found[0] if found else None
+
+
+def shard_checkpoint_tensor(full: torch.Tensor, name: str, rank: int, world: int) -> torch.Tensor:
+    """``shard`` for a state-dict entry (experts under their per-expert names)."""
+    split = split_of(name, CHECKPOINT_SPLITS)
+    if split is None:
+        return full
+    param = torch.nn.Parameter(full.new_empty(0))
+    param.tensor_model_parallel, (param.partition_dim, param.partition_stride) = True, split
+    return shard(full, param, rank, world)
 
 
 def shard(full: torch.Tensor, param: torch.nn.Parameter, rank: int, world: int) -> torch.Tensor:
@@ -74,8 +96,8 @@ def shard(full: torch.Tensor, param: torch.nn.Parameter, rank: int, world: int) 
 
 
 @contextlib.contextmanager
-def expert_paths(force_padded: bool):
-    """Counts which expert implementation MoMaMLP.compute calls; optionally hides _grouped_mm."""
+def expert_paths():
+    """Counts which expert implementation MoMaMLP.compute calls."""
     calls = Counter()
 
     def counting(name):
@@ -90,16 +112,13 @@ def expert_paths(force_padded: bool):
     with contextlib.ExitStack() as stack:
         for name in ("run_experts_loop", "run_experts_grouped", "run_experts_padded"):
             stack.enter_context(counting(name))
-        if force_padded:
-            stack.enter_context(
-                mock.patch.object(moma_mlp_module, "grouped_mm_supported", lambda *a: False))
         yield calls
 
 
 def run_variant(model, batch, loss_weights, path):
     """Logits (local vocab shard), per-token loss, gradients, and the expert paths that ran."""
     tokens, position_ids, modality_ids = batch
-    with expert_paths(force_padded=path == "padded") as calls:
+    with expert_paths() as calls:
         logits = model(tokens, position_ids, None, modality_ids=modality_ids).detach()
         loss = model(tokens, position_ids, None, labels=tokens, modality_ids=modality_ids)
         (loss * loss_weights).sum().backward()
@@ -112,7 +131,7 @@ def run_logits_only(model, batch, path):
     loss cannot run: its non-fused vocab-parallel cross entropy always reduces over the global TP
     group, whatever the model's ``pg_collection`` says."""
     tokens, position_ids, modality_ids = batch
-    with expert_paths(force_padded=path == "padded") as calls:
+    with expert_paths() as calls:
         logits = model(tokens, position_ids, None, modality_ids=modality_ids)
         weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7))
         (logits * weights).sum().backward()
@@ -135,7 +154,7 @@ def _rank_main(rank: int, port: int, payload_path: str, result_dir: str):
                            vocab_size=VOCAB, seq_length=SEQ, seed=1000 + rank)
         params = dict(model.named_parameters())
         model.load_state_dict(
-            {name: shard(full, params[name], rank, TP) if name in params else full
+            {name: shard_checkpoint_tensor(full, name, rank, TP)
              for name, full in payload["states"][variant].items()},
             strict=True,
         )
@@ -213,7 +232,7 @@ def tp_results(megatron_single_process, tmp_path_factory):
 
 
 def test_shard_matches_megatron_master_weight_split():
-    """The helper reproduces Megatron's own split of a master weight (stride 1 and 2)."""
+    """The helpers reproduce Megatron's own split of a master weight (stride 1 and 2)."""
     from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
     master = torch.arange(8 * 6, dtype=torch.float32).view(8, 6)
@@ -225,6 +244,9 @@ def test_shard_matches_megatron_master_weight_split():
                                           stride=stride, rank=rank, world_size=TP)
             assert (weight.partition_dim, weight.partition_stride) == (dim, stride)
             torch.testing.assert_close(shard(master, weight, rank, TP), weight.data, rtol=0, atol=0)
+            # and so does the split StackedExperts initialises each expert's slice with
+            torch.testing.assert_close(_tp_shard(master, dim, stride, rank, TP), weight.data,
+                                       rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -240,8 +262,7 @@ def test_tp2_matches_tp1(tp_results, variant):
         assert result["calls"] == {path: 2 * num_layers}, (where, result["calls"])
         # The model really is split: experts, attention and vocab over TP ranks, routers replicated.
         for name in params:
-            expected = [(d, s) for pattern, d, s in EXPECTED_SPLITS if re.fullmatch(pattern, name)]
-            assert result["splits"].get(name) == (expected[0] if expected else None), (where, name)
+            assert result["splits"].get(name) == split_of(name), (where, name)
         assert result["local_vocab"] == VOCAB // TP
 
         torch.testing.assert_close(result["logits"], reference["logits"], rtol=1e-5, atol=1e-5,
@@ -251,7 +272,7 @@ def test_tp2_matches_tp1(tp_results, variant):
 
         assert result["grads"].keys() == {n for n, p in params.items() if "aux_router" not in n}
         assert any(".mlp.router." in n for n in params)
-        assert any(re.fullmatch(r".*\.experts\.\w+\.\d+\.linear_fc2\.weight", n) for n in params)
+        assert any(re.fullmatch(r".*\.experts\.fc2_weight", n) for n in params)
         for name, grad in result["grads"].items():
             # Replicated parameters (routers, norms, ...) get the full TP=1 gradient on every rank;
             # split ones get this rank's slice of it. Gradients here are ~1e-3: the absolute

@@ -123,10 +123,8 @@ def clip_gradients(model, max_norm: float, parallel: Parallel, parameters=None) 
     grads = [(p.grad, is_tp_sharded(p)) for p in (model.parameters() if parameters is None else parameters)
              if p.grad is not None]
     norm = global_norm(grads, parallel)
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g, _ in grads:
-            g.mul_(scale)
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm and grads:
+        torch._foreach_mul_([g for g, _ in grads], max_norm / (norm + 1e-6))
     return norm
 
 
@@ -136,12 +134,14 @@ def is_tp_sharded(param) -> bool:
 
 def global_norm(tensors, parallel: Parallel) -> float:
     """The L2 norm of ``(tensor, tp_sharded)`` pairs over all tensor-parallel ranks: shards summed over
-    the TP group, replicated tensors counted once."""
+    the TP group, replicated tensors counted once. Each tensor's norm in float32 (``_foreach_norm``,
+    no copies), their squares summed in float64."""
     squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
     for i, group in enumerate(([t for t, sharded in tensors if sharded],
                                [t for t, sharded in tensors if not sharded])):
         if group:
-            squares[i] = torch.stack([t.double().pow(2).sum() for t in group]).sum()
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+            squares[i] = torch.stack(norms).double().pow(2).sum()
     torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
     return float(squares.sum().sqrt())
 
@@ -167,7 +167,7 @@ def train_step(model, optimizer, scheduler, micro_batches, layout, args, paralle
     torch.distributed.all_reduce(tokens, group=parallel.dp_group)
     denominator = tokens.item()
 
-    optimizer.zero_grad(set_to_none=False)
+    optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
     for batch, label_mod in zip(micro_batches, label_mods):
         batch = to_device(batch, parallel.device)
@@ -387,7 +387,7 @@ class PretrainJob:
             self.iteration = iteration
             return False
         checkpointing.load_model_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        resume.load_optimizer_state(self.optimizer, self.model, state)
         for note in resume.reconcile_schedule(state, args):
             self.say(f"note: {note}")
         resume.apply_optimizer_values(self.optimizer, args)

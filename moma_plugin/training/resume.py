@@ -8,6 +8,9 @@
   decay, weight decay or Adam flags differ from the checkpoint's, the run refuses to start unless
   ``--override-opt_param-scheduler`` (the flags win) or ``--use-checkpoint-opt_param-scheduler`` (the
   checkpoint wins; the flags are set to its values, so run.json records what is used).
+- The optimizer state: by parameter name, so it also loads into a model whose parameters were
+  reorganised; a checkpoint written before the experts' weights were stacked (its optimizer state
+  numbered per expert) gets each expert's moments stacked (``load_optimizer_state``).
 - The data: the sampler continues where the checkpoint left it; after a stop on a non-finite loss
   (``nan_stop.json`` in ``--save``) it continues from the failed step instead (see ``record_nan_stop``).
 """
@@ -16,6 +19,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+import torch
 
 from .. import storage
 from ..cli import UsageError
@@ -74,6 +79,62 @@ def reconcile_schedule(state: Dict[str, Any], args) -> List[str]:
                 f"--lr-decay-iters {saved['lr_decay_iters']})")
     raise UsageError(f"resuming with a schedule that differs from the checkpoint's: {listed}{hint}. "
                      f"Pass {OVERRIDE} to use the flags, or {USE_CHECKPOINT} to keep the checkpoint's")
+
+
+def load_optimizer_state(optimizer, model, state: Dict[str, Any]):
+    """Loads ``state["optimizer"]`` into ``optimizer`` (built by ``initialize.build_optimizer``) by
+    parameter name, keeping this optimizer's implementation (fused or foreach), not the saved one's."""
+    saved = state["optimizer"]
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise UsageError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter "
+                         f"groups, this one {len(optimizer.param_groups)}; resume with the moma_plugin "
+                         "version that wrote it")
+    if all("param_names" in group for group in saved["param_groups"]):
+        by_name = {name: saved["state"][i] for g in saved["param_groups"]
+                   for name, i in zip(g["param_names"], g["params"]) if i in saved["state"]}
+    else:
+        by_name = _state_by_name_from_positions(saved, state["model"], model)
+    groups, numbered, first = [], {}, 0
+    for current, old in zip(optimizer.param_groups, saved["param_groups"]):
+        indices = list(range(first, first + len(current["param_names"])))
+        first += len(indices)
+        for index, name in zip(indices, current["param_names"]):
+            if name in by_name:
+                numbered[index] = by_name[name]
+        groups.append(dict(old, param_names=list(current["param_names"]), params=indices))
+    implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict({"state": numbered, "param_groups": groups})
+    for group, kept in zip(optimizer.param_groups, implementation):
+        group.update(kept)
+
+
+def _state_by_name_from_positions(saved, saved_model: Dict[str, Any], model) -> Dict[str, Any]:
+    """{parameter name: its state} of an optimizer state numbered by position (written before groups
+    carried names): the positions follow the checkpoint's model state, in order, grouped by
+    ``build_optimizer``'s rule (biases and 1-D tensors without weight decay). The per-expert entries of
+    a checkpoint written before the experts' weights were stacked are stacked."""
+    from ..experts import stacked_parameter_sources
+
+    sources = stacked_parameter_sources(model)
+    expert_names = {name for names in sources.values() for name in names}
+    current = {name for name, _ in model.named_parameters()}
+    names = [k for k in saved_model if k in current or k in expert_names]
+    no_decay = [k for k in names if saved_model[k].dim() == 1 or k.endswith("bias")]
+    decay = [k for k in names if k not in set(no_decay)]
+    counts = [len(g["params"]) for g in saved["param_groups"]]
+    if counts != [len(decay), len(no_decay)]:
+        raise UsageError(
+            f"the checkpoint's optimizer state does not fit this model (its groups hold {counts} "
+            f"tensors, its weights make {[len(decay), len(no_decay)]}); resume it with the "
+            "moma_plugin version that wrote it")
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    by_name = {name: saved["state"][i] for name, i in zip(decay + no_decay, ids) if i in saved["state"]}
+    for stacked, per_expert in sources.items():
+        entries = [by_name.pop(name) for name in per_expert if name in by_name]
+        if len(entries) == len(per_expert):
+            by_name[stacked] = {key: torch.stack([e[key] for e in entries]) if entries[0][key].dim()
+                                else entries[0][key] for key in entries[0]}
+    return by_name
 
 
 def apply_optimizer_values(optimizer, args):
