@@ -2,8 +2,10 @@
 
 Measured in one run, interleaved round by round so that machine drift hits every path alike:
 
-  loop     MoMaMLP, moma_expert_execution="loop": expert by expert over views of the stacked weights
-           (the reference; what "auto" picks on CPU)
+  loop     MoMaMLP, moma_expert_execution="loop": expert by expert over views of the stacked weights,
+           under autograd (the reference)
+  chunked  MoMaMLP, moma_expert_execution="chunked": the same with a hand-written backward that
+           writes each expert's gradient in place (what "auto" picks on CPU)
   grouped  MoMaMLP, moma_expert_execution="grouped": two torch._grouped_mm calls (when the shapes allow)
   padded   MoMaMLP, moma_expert_execution="padded": scatter to [E, C_max, H], two bmm, gather back
   dense    Megatron's MLP (ColumnParallelLinear + RowParallelLinear, SwiGLU) of the same FFN size
@@ -47,7 +49,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: E402
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 
-PATHS = ("loop", "grouped", "padded", "dense")
+PATHS = ("loop", "chunked", "grouped", "padded", "dense")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -190,7 +192,7 @@ def run_once(case, hidden_SBH, grad_SBH, mode, device):
 def record_expert_runners(calls):
     """Appends to ``calls`` the name of every expert runner MoMaMLP.compute calls while open (it looks
     the runners up in moma_plugin.moma_mlp at call time), to check which path each case really takes."""
-    names = ("run_experts_loop", "run_experts_grouped", "run_experts_padded")
+    names = ("run_experts_loop", "run_experts_chunked", "run_experts_grouped", "run_experts_padded")
     originals = {n: getattr(moma_mlp_module, n) for n in names}
 
     def wrap(n):
@@ -272,7 +274,8 @@ def main(argv=None):
     # grouped_mm_supported allows (dtype, device, 16-byte strides), else it falls back to padded.
     executed = executed_runners(cases, hidden_SBH.detach())
     grouped_runs_grouped_mm = executed["grouped"] == "grouped" if "grouped" in executed else None
-    allowed = {"loop": ("loop",), "grouped": ("grouped", "padded"), "padded": ("padded",)}
+    allowed = {"loop": ("loop",), "chunked": ("chunked",), "grouped": ("grouped", "padded"),
+               "padded": ("padded",)}
     for name, runner in executed.items():
         if runner not in allowed[name]:
             raise RuntimeError(f"path {name!r} ran expert runner {runner!r}, expected one of "
@@ -359,9 +362,11 @@ def main(argv=None):
     ratios = {}
     for mode in modes:
         ratios[mode] = {
+            "chunked_speedup_vs_loop": ratio("loop", "chunked", mode),
             "grouped_speedup_vs_loop": ratio("loop", "grouped", mode),
             "padded_speedup_vs_loop": ratio("loop", "padded", mode),
             "loop_time_vs_dense": ratio("loop", "dense", mode),
+            "chunked_time_vs_dense": ratio("chunked", "dense", mode),
             "grouped_time_vs_dense": ratio("grouped", "dense", mode),
             "padded_time_vs_dense": ratio("padded", "dense", mode),
         }
@@ -411,9 +416,11 @@ def print_table(results, ratios, modes, device, grouped_fell_back=False):
         header += [f"{mode} ms", f"{mode} cpu ms", f"{mode} vs loop", f"{mode} vs dense"]
         if has_peak:
             header.append(f"{mode} peak MiB")
-    versus = {"loop": "loop_time_vs_dense", "grouped": "grouped_time_vs_dense",
+    versus = {"loop": "loop_time_vs_dense", "chunked": "chunked_time_vs_dense",
+              "grouped": "grouped_time_vs_dense",
               "padded": "padded_time_vs_dense"}
-    speedup = {"grouped": "grouped_speedup_vs_loop", "padded": "padded_speedup_vs_loop"}
+    speedup = {"chunked": "chunked_speedup_vs_loop", "grouped": "grouped_speedup_vs_loop",
+               "padded": "padded_speedup_vs_loop"}
     rows = []
     for name, res in results.items():
         row = [name + (" (ran padded)" if name == "grouped" and grouped_fell_back else "")]

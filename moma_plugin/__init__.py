@@ -1,4 +1,12 @@
-"""moma_plugin: modality-aware sparse architectures (MoMa) for Megatron-Core pretraining jobs."""
+"""moma_plugin: modality-aware sparse architectures (MoMa) for Megatron-Core pretraining jobs.
+
+Tensor names end in their shape's letters, one legend for the package:
+  S sequence positions, B samples of a micro-batch, T tokens of the micro-batch (t = position * B +
+  sample), H hidden size, F the FFN width on this TP rank, O the fc1 width (2F: SwiGLU's gate and up),
+  M modalities, E experts (of a layer, or of one group where the function works on one group), G the
+  tokens of one expert group, C tokens of one expert (its capacity), A chosen (token, expert) pairs of
+  a layer, K tokens a Mixture-of-Depths layer selected, P slots of the packed MoD sequence, V vocabulary.
+"""
 
 import warnings
 

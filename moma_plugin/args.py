@@ -47,11 +47,12 @@ def add_moma_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "them against the data (default: the data's, from its .vocab.json)")
     group.add_argument("--moma-post-norm", action="store_true",
                        help="Chameleon-style norm after each sublayer instead of before")
-    group.add_argument("--moma-expert-execution", choices=("auto", "loop", "grouped", "padded"),
+    group.add_argument("--moma-expert-execution",
+                       choices=("auto", "loop", "chunked", "grouped", "padded"),
                        default="auto",
                        help="how experts run: auto (by device and dtype; see benchmarks/README.md), "
-                            "loop (expert by expert; the reference), grouped (torch._grouped_mm) "
-                            "or padded (bmm)")
+                            "loop (expert by expert; the reference), chunked (expert by expert, "
+                            "hand-written backward), grouped (torch._grouped_mm) or padded (bmm)")
     group.add_argument("--mod-interval", type=int, default=0,
                        help="Mixture-of-Depths on every N-th layer from --mod-start-layer (0: off; "
                             "paper: 2)")

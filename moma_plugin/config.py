@@ -112,9 +112,10 @@ class MoMaConfig(TransformerConfig):
     """Chameleon-style res-post-norm: h = x + Norm(f(x)) instead of Megatron's pre-norm."""
 
     moma_expert_execution: str = "auto"
-    """'auto' (by device, dtype and shape: moma_plugin.experts.choose_execution), 'loop' (each
-    expert's slice in turn; the reference), 'grouped' (torch._grouped_mm; padded where it cannot
-    run) or 'padded' (bmm over a padded [E, C_max, H] batch)."""
+    """'auto' (by device, dtype and shape: moma_plugin.experts.choose_execution), 'loop' (expert by
+    expert under autograd; the reference), 'chunked' (expert by expert with a hand-written backward;
+    CPU), 'grouped' (torch._grouped_mm; padded where it cannot run) or 'padded' (bmm over a padded
+    [E, C_max, H] batch)."""
 
     mod_interval: int = 0
     """Mixture-of-Depths on every ``mod_interval``-th layer from ``mod_start_layer`` (0: no MoD;
@@ -153,10 +154,10 @@ class MoMaConfig(TransformerConfig):
                 f"moma_capacity_factor={self.moma_capacity_factor} must be a finite number > 0 "
                 "(paper: 1.0)."
             )
-        if self.moma_expert_execution not in ("auto", "loop", "grouped", "padded"):
+        if self.moma_expert_execution not in ("auto", "loop", "chunked", "grouped", "padded"):
             raise ValueError(
                 f"moma_expert_execution={self.moma_expert_execution!r}: use 'auto', 'loop', "
-                "'grouped' or 'padded'."
+                "'chunked', 'grouped' or 'padded'."
             )
         tp = self.tensor_model_parallel_size
         if self.ffn_hidden_size % tp:

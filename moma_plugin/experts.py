@@ -9,10 +9,12 @@ one expert into all E. Checkpoints keep one tensor per expert under the names Me
 had (``<group>.<index>.linear_fc1.weight``), so checkpoints written before the weights were stacked load.
 
 The A = sum_e C_e chosen tokens arrive sorted by expert; ``tokens_per_expert`` (host ints) says how many
-each expert took. Three executions, which must agree:
+each expert took. Four executions, which must agree:
 
-- ``run_experts_loop``: each expert's two matmuls on its slice, over views of the stacked weights: the
-  reference, and the fastest on CPU (each expert's SwiGLU works on a slice that stays in cache).
+- ``run_experts_loop``: each expert's two matmuls on its slice, over views of the stacked weights, under
+  autograd: the reference.
+- ``run_experts_chunked``: the same loop with a hand-written backward that writes each expert's weight
+  gradient into its slice of the stacked gradient: the fastest on CPU.
 - ``run_experts_grouped``: two ``torch._grouped_mm`` calls over all experts (one kernel each on GPUs).
 - ``run_experts_padded``: the same with ``torch.bmm`` on a [E, C_max, H] padded batch, for devices,
   dtypes or shapes ``_grouped_mm`` does not take.
@@ -35,7 +37,7 @@ from torch import Tensor
 # Shape letters (the package's legend is in moma_plugin/__init__.py): A chosen (token, expert) pairs,
 # H hidden size, F the FFN width on this TP rank, E experts of the layer, C tokens of one expert.
 
-EXECUTIONS = ("auto", "loop", "grouped", "padded")
+EXECUTIONS = ("auto", "loop", "chunked", "grouped", "padded")
 
 # Per-expert checkpoint names of each stacked parameter (Megatron MLP's names).
 _EXPERT_KEYS = {"fc1_weight": "linear_fc1.weight", "fc1_bias": "linear_fc1.bias",
@@ -154,19 +156,19 @@ def stacked_parameter_sources(model: torch.nn.Module) -> Dict[str, List[str]]:
 
 # -- execution -------------------------------------------------------------------------------------
 def choose_execution(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> str:
-    """The rule of ``moma_expert_execution="auto"``, from benchmarks/bench_moma_mlp.py:
+    """The rule of ``moma_expert_execution="auto"``, from benchmarks/bench_moma_mlp.py and
+    benchmarks/bench_paper_configs.py (benchmarks/README.md has the figures):
 
-    - CPU: ``loop``. ``torch._grouped_mm`` runs one matmul per expert there anyway, and the loop's
-      SwiGLU works on one expert's slice while it is in cache, instead of on the whole [A, 2F]
-      activation (measured at d=512 / 8,192 tokens: loop 0.8-0.9x the grouped path's time, fp32 and
-      bf16; see benchmarks/README.md).
+    - CPU: ``chunked``. ``torch._grouped_mm`` runs one matmul per expert there anyway; expert by
+      expert, SwiGLU's element-wise work stays in cache (it costs about half of dense's), and the
+      hand-written backward writes the weight gradients in place instead of stacking them.
     - CUDA: ``grouped`` where ``_grouped_mm`` takes the operands (bf16 on compute capability 9.0+,
       16-byte row strides), else ``padded`` when the loads are even (expert choice in training gives
       every expert of a group the same count), else ``loop`` (a padded batch of uneven loads
-      computes mostly padding).
+      computes mostly padding). Not yet measured on a GPU.
     """
     if not x_AH.is_cuda:
-        return "loop"
+        return "chunked"
     if grouped_mm_supported(x_AH, experts):
         return "grouped"
     loads = list(tokens_per_expert)
@@ -206,7 +208,8 @@ def _add_per_expert(y_AX: Tensor, bias_EX: Optional[Tensor], tokens_per_expert: 
     """y + each row's expert bias, one broadcast add per expert slice (no per-row gather)."""
     if bias_EX is None:
         return y_AX
-    return torch.cat([y + b for y, b in zip(torch.split(y_AX, list(tokens_per_expert)), bias_EX)])
+    return torch.cat([y + b for y, b in zip(torch.split(y_AX, list(tokens_per_expert)),
+                                            bias_EX.unbind(0))])
 
 
 def run_experts_loop(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> Tensor:
@@ -214,13 +217,82 @@ def run_experts_loop(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: St
     # Tensor parallelism: each rank holds a slice of every expert's FFN width, as Megatron's
     # ColumnParallel/RowParallel linears do; one reduction for all experts instead of one each.
     x_AH = copy_to_tensor_model_parallel_region(x_AH, group=experts.tp_group)
-    b1 = experts.fc1_bias if experts.fc1_bias is not None else [None] * experts.num_experts
+    # unbind: one autograd node whose backward stacks the experts' gradients once. (Indexing the
+    # stacked weight per expert would fill a zero tensor of the whole stack per expert in backward.)
+    b1 = (experts.fc1_bias.unbind(0) if experts.fc1_bias is not None
+          else [None] * experts.num_experts)
     outputs = []
-    for x_CH, w1, b1_e, w2 in zip(torch.split(x_AH, list(tokens_per_expert)), experts.fc1_weight,
-                                  b1, experts.fc2_weight):
+    for x_CH, w1, b1_e, w2 in zip(torch.split(x_AH, list(tokens_per_expert)),
+                                  experts.fc1_weight.unbind(0), b1, experts.fc2_weight.unbind(0)):
         h_CO = torch.nn.functional.linear(x_CH, w1, b1_e)  # O = 2F: [gate; up]
         outputs.append(torch.nn.functional.linear(_swiglu(h_CO, experts.activation), w2))
     y_AH = reduce_from_tensor_model_parallel_region(torch.cat(outputs), group=experts.tp_group)
+    return _add_per_expert(y_AH, experts.fc2_bias, tokens_per_expert)
+
+
+class _ChunkedExperts(torch.autograd.Function):
+    """Expert by expert, forward and backward, each SwiGLU on one expert's slice while it is in cache;
+    the backward writes each expert's weight gradient straight into its slice of the stacked gradient
+    (autograd through per-expert views would stack or zero-fill the whole stack per layer). Saves the
+    input and the fc1 output [A, 2F]; the activation is recomputed per expert in backward."""
+
+    @staticmethod
+    def forward(ctx, x_AH, w1_EOH, b1_EO, w2_EHF, tokens_per_expert):
+        counts = list(tokens_per_expert)
+        h_AO = x_AH.new_empty(x_AH.shape[0], w1_EOH.shape[1])
+        y_AH = x_AH.new_empty(x_AH.shape[0], w2_EHF.shape[1])
+        for e, (x_CH, h_CO, y_CH) in enumerate(zip(x_AH.split(counts), h_AO.split(counts),
+                                                    y_AH.split(counts))):
+            torch.mm(x_CH, w1_EOH[e].t(), out=h_CO)
+            if b1_EO is not None:
+                h_CO += b1_EO[e]
+            torch.mm(_swiglu(h_CO, torch.nn.functional.silu), w2_EHF[e].t(), out=y_CH)
+        ctx.save_for_backward(x_AH, h_AO, w1_EOH, w2_EHF)
+        ctx.counts = counts
+        ctx.w1, ctx.w2, ctx.b1 = w1_EOH, w2_EHF, b1_EO  # the parameters themselves, for their .grad
+        return y_AH
+
+    @staticmethod
+    def backward(ctx, dy_AH):
+        x_AH, h_AO, w1_EOH, w2_EHF = ctx.saved_tensors
+        counts, dy_AH = ctx.counts, dy_AH.contiguous()
+        dx_AH = torch.empty_like(x_AH)
+        # Weight gradients go straight into the parameters' persistent .grad where it exists (the
+        # training loop keeps it on CPU, where a fresh 64 MiB buffer per step would page-fault); the
+        # function then returns None for them. Elsewhere into new tensors autograd accumulates.
+        dw1_EOH, into_w1 = _gradient_buffer(ctx.w1)
+        dw2_EHF, into_w2 = _gradient_buffer(ctx.w2)
+        db1_EO, into_b1 = _gradient_buffer(ctx.b1) if ctx.b1 is not None else (None, False)
+        for e, (x_CH, h_CO, dy_CH, dx_CH) in enumerate(zip(
+                x_AH.split(counts), h_AO.split(counts), dy_AH.split(counts), dx_AH.split(counts))):
+            gate_CF, up_CF = h_CO.chunk(2, dim=1)
+            sig_CF = torch.sigmoid(gate_CF)
+            silu_CF = gate_CF * sig_CF
+            dw2_EHF[e].addmm_(dy_CH.t(), silu_CF * up_CF, beta=1 if into_w2 else 0)
+            da_CF = dy_CH @ w2_EHF[e]
+            dh_CO = torch.cat([da_CF * up_CF * (sig_CF + silu_CF * (1 - sig_CF)), da_CF * silu_CF], dim=1)
+            dw1_EOH[e].addmm_(dh_CO.t(), x_CH, beta=1 if into_w1 else 0)
+            torch.mm(dh_CO, w1_EOH[e], out=dx_CH)
+            if db1_EO is not None:
+                db1_EO[e] = (db1_EO[e] if into_b1 else 0) + dh_CO.sum(0)
+        return (dx_AH, None if into_w1 else dw1_EOH, None if into_b1 else db1_EO,
+                None if into_w2 else dw2_EHF, None)
+
+
+def _gradient_buffer(param):
+    """(where to write ``param``'s gradient, whether that is its existing ``.grad``)."""
+    grad = param.grad
+    if grad is not None and grad.shape == param.shape and grad.is_contiguous() and not grad.requires_grad:
+        return grad, True
+    return torch.empty_like(param), False
+
+
+def run_experts_chunked(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> Tensor:
+    """CPU fast path: ``_ChunkedExperts`` (SwiGLU with SiLU, as every MoMa expert); matches the loop."""
+    x_AH = copy_to_tensor_model_parallel_region(x_AH, group=experts.tp_group)
+    y_AH = _ChunkedExperts.apply(x_AH.contiguous(), experts.fc1_weight, experts.fc1_bias,
+                                 experts.fc2_weight, tuple(tokens_per_expert))
+    y_AH = reduce_from_tensor_model_parallel_region(y_AH, group=experts.tp_group)
     return _add_per_expert(y_AH, experts.fc2_bias, tokens_per_expert)
 
 
@@ -260,4 +332,5 @@ def run_experts_padded(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: 
     return _add_per_expert(y_AH, experts.fc2_bias, tokens_per_expert)
 
 
-RUNNERS = {"loop": run_experts_loop, "grouped": run_experts_grouped, "padded": run_experts_padded}
+RUNNERS = {"loop": run_experts_loop, "chunked": run_experts_chunked, "grouped": run_experts_grouped,
+           "padded": run_experts_padded}

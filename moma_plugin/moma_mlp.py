@@ -4,7 +4,7 @@ Forward, in named stages:
   1. route:   each group's router scores the tokens of its modality (sigmoid, float32); each expert
               takes its top k_e = ceil(b^M * capacity_factor / |E^M|) tokens (expert choice).
   2. dispatch: gather the chosen tokens, sorted by expert (all groups in one list).
-  3. compute: run the experts (loop over expert slices, grouped matmul, or padded bmm; ``auto`` picks).
+  3. compute: run the experts (expert by expert, grouped matmul, or padded bmm; ``auto`` picks).
   4. combine: weight each output by its sigmoid score and add it back at its token's position.
 """
 
@@ -24,6 +24,7 @@ from .experts import (
     choose_execution,
     expert_of_each_row,
     grouped_mm_supported,
+    run_experts_chunked,
     run_experts_grouped,
     run_experts_loop,
     run_experts_padded,
@@ -217,8 +218,8 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         if execution == "grouped" and not grouped_mm_supported(x_AH, self.experts):
             execution = "padded"
         # Looked up here at call time, so tests and benchmarks can see which runner ran.
-        runner = {"loop": run_experts_loop, "grouped": run_experts_grouped,
-                  "padded": run_experts_padded}[execution]
+        runner = {"loop": run_experts_loop, "chunked": run_experts_chunked,
+                  "grouped": run_experts_grouped, "padded": run_experts_padded}[execution]
         return runner(x_AH, tokens_per_expert, self.experts)
 
     @torch.no_grad()

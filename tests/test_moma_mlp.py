@@ -11,6 +11,7 @@ import moma_plugin.moma_mlp as moma_mlp_module
 from moma_plugin.config import expert_capacity
 from moma_plugin.experts import (
     expert_of_each_row,
+    run_experts_chunked,
     run_experts_grouped,
     run_experts_loop,
     run_experts_padded,
@@ -53,7 +54,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
-@pytest.mark.parametrize("execution", ["grouped", "padded", "auto"])
+@pytest.mark.parametrize("execution", ["chunked", "grouped", "padded", "auto"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fast_paths_match_reference_loop(overrides, execution, seed):
     loop = moma_mlp(tiny_config(moma_expert_execution="loop", **overrides), seed=seed)
@@ -93,9 +94,17 @@ def test_every_execution_matches_the_row_by_row_definition(bias, loads):
             p.normal_(0, 0.2)
     x_AH = torch.randn(sum(loads), 32, generator=torch.Generator().manual_seed(3))
     expected = _row_by_row(x_AH, loads, experts).float()
-    for run in (run_experts_loop, run_experts_grouped, run_experts_padded):
-        torch.testing.assert_close(run(x_AH, loads, experts), expected, rtol=1e-5, atol=1e-5,
-                                   msg=run.__name__)
+    target_AH = torch.randn(sum(loads), 32, generator=torch.Generator().manual_seed(4))
+    gradients = {}
+    for run in (run_experts_loop, run_experts_chunked, run_experts_grouped, run_experts_padded):
+        x = x_AH.clone().requires_grad_(True)
+        out = run(x, loads, experts)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=run.__name__)
+        grads = torch.autograd.grad((out * target_AH).sum(), [x, *experts.parameters()])
+        gradients[run.__name__] = grads
+    for name, grads in gradients.items():  # against autograd through the reference loop
+        for got, want in zip(grads, gradients["run_experts_loop"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_grouped_path_uses_grouped_mm(monkeypatch):
@@ -108,11 +117,11 @@ def test_grouped_path_uses_grouped_mm(monkeypatch):
     assert len(calls) == 2  # fc1 and fc2, all experts at once
 
 
-def test_auto_runs_the_loop_on_cpu(monkeypatch):
-    """The rule of moma_plugin.experts.choose_execution: on CPU the loop over expert slices."""
+def test_auto_runs_chunked_on_cpu(monkeypatch):
+    """The rule of moma_plugin.experts.choose_execution: on CPU expert by expert, chunked."""
     calls = []
-    monkeypatch.setattr(moma_mlp_module, "run_experts_loop",
-                        lambda *a: calls.append(1) or run_experts_loop(*a))
+    monkeypatch.setattr(moma_mlp_module, "run_experts_chunked",
+                        lambda *a: calls.append(1) or run_experts_chunked(*a))
     mlp = moma_mlp(tiny_config(moma_experts="4t4i"))
     assert mlp.config.moma_expert_execution == "auto"
     run_mlp(mlp, *_inputs()[:2])
@@ -224,7 +233,7 @@ def test_oracle_one_expert_per_modality_equals_dense_mlp(monkeypatch):
     config = tiny_config(moma_experts="1t1i", add_bias_linear=True)
     dense = MLP(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                 ffn_hidden_size=config.ffn_hidden_size)
-    for execution in ("loop", "grouped", "padded"):
+    for execution in ("loop", "chunked", "grouped", "padded"):
         config.moma_expert_execution = execution
         mlp = moma_mlp(config)
         mlp.experts.load_state_dict({f"{expert}.{key}": value for expert in ("text.0", "image.0")
@@ -263,7 +272,7 @@ def test_metrics_record_loads_and_selection_histogram():
     assert mlp.tokens_per_expert_ME.sum() == 0
 
 
-@pytest.mark.parametrize("execution", ["loop", "grouped", "padded"])
+@pytest.mark.parametrize("execution", ["loop", "chunked", "grouped", "padded"])
 def test_bf16_executions_close_to_fp32_reference(execution):
     loop = moma_mlp(tiny_config(moma_expert_execution="loop"))
     fast = moma_mlp(tiny_config(moma_expert_execution=execution)).to(torch.bfloat16)
@@ -278,3 +287,20 @@ def test_missing_layout_is_a_clear_error():
     mlp = moma_mlp(tiny_config())
     with pytest.raises(RuntimeError, match="no modality layout.*MoMaGPTModel"):
         mlp(torch.randn(4, 1, 32))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_accumulates_into_existing_gradients_like_autograd(bias):
+    """Gradient accumulation over micro-batches: the chunked backward writes into the .grad the
+    training loop keeps; the sums equal those autograd accumulates through the reference loop."""
+    results = {}
+    for execution in ("loop", "chunked"):
+        mlp = moma_mlp(tiny_config(moma_expert_execution=execution, add_bias_linear=bias))
+        for seed in (0, 1, 2):
+            x, ids, target = _inputs(seed=seed)
+            out, _ = run_mlp(mlp, x, ids)
+            (out * target).sum().backward()
+        results[execution] = {n: p.grad.clone() for n, p in mlp.named_parameters() if p.grad is not None}
+    assert results["chunked"].keys() == results["loop"].keys()
+    for name, grad in results["chunked"].items():
+        torch.testing.assert_close(grad, results["loop"][name], rtol=1e-5, atol=1e-5, msg=name)

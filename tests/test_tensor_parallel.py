@@ -2,7 +2,7 @@
 gradients of the TP=1 model built from the same weights.
 
 The TP=1 references are computed in the pytest process; one spawn of two ranks then runs every variant
-(expert execution 'loop' / 'grouped' / padded-bmm fallback, with and without biases) on weights sharded
+(expert executions 'loop', 'chunked', 'grouped', 'padded', with and without biases) on weights sharded
 from the TP=1 state dict the way Megatron shards a master weight. Ranks write their results to files
 that the tests compare; an exception in a rank fails the fixture (spawn re-raises it), a hang fails it
 after ``JOIN_TIMEOUT_S``.
@@ -36,6 +36,9 @@ VARIANTS = {
     "loop": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="loop"), "loop"),
     "grouped": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="grouped"), "grouped"),
     "padded": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="padded"), "padded"),
+    "chunked": (dict(_BASE, moma_experts="2t2i"), "chunked"),  # what "auto" runs on CPU
+    "chunked-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
+                             moma_expert_execution="chunked"), "chunked"),
     "loop-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
                           moma_expert_execution="loop"), "loop"),
     "grouped-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
@@ -45,7 +48,7 @@ VARIANTS = {
 }
 
 # Run at TP=1 on each rank's own process group while the global TP size is 2.
-OWN_GROUP_VARIANTS = ("loop", "grouped", "padded")
+OWN_GROUP_VARIANTS = ("loop", "chunked", "grouped", "padded")
 
 # Parameters Megatron splits across TP ranks (with their partition dim and stride); all others are
 # replicated, the MoMa routers among them.
@@ -110,7 +113,8 @@ def expert_paths():
         return mock.patch.object(moma_mlp_module, name, wrapper)
 
     with contextlib.ExitStack() as stack:
-        for name in ("run_experts_loop", "run_experts_grouped", "run_experts_padded"):
+        for name in ("run_experts_loop", "run_experts_chunked", "run_experts_grouped",
+                     "run_experts_padded"):
             stack.enter_context(counting(name))
         yield calls
 

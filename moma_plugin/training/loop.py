@@ -167,7 +167,9 @@ def train_step(model, optimizer, scheduler, micro_batches, layout, args, paralle
     torch.distributed.all_reduce(tokens, group=parallel.dp_group)
     denominator = tokens.item()
 
-    optimizer.zero_grad(set_to_none=True)
+    # On CUDA freed gradients go back to the caching allocator; on CPU they go back to the operating
+    # system, and the next step's fresh buffers page-fault: there they are kept and zeroed in place.
+    optimizer.zero_grad(set_to_none=parallel.device.type != "cpu")
     sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
     for batch, label_mod in zip(micro_batches, label_mods):
         batch = to_device(batch, parallel.device)
