@@ -38,6 +38,7 @@ from torch import Tensor
 # H hidden size, F the FFN width on this TP rank, E experts of the layer, C tokens of one expert.
 
 EXECUTIONS = ("auto", "loop", "chunked", "grouped", "padded")
+CHUNKED_MIN_TOKENS_PER_EXPERT = 64
 
 # Per-expert checkpoint names of each stacked parameter (Megatron MLP's names).
 _EXPERT_KEYS = {"fc1_weight": "linear_fc1.weight", "fc1_bias": "linear_fc1.bias",
@@ -161,14 +162,20 @@ def choose_execution(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: St
 
     - CPU: ``chunked``. ``torch._grouped_mm`` runs one matmul per expert there anyway; expert by
       expert, SwiGLU's element-wise work stays in cache (it costs about half of dense's), and the
-      hand-written backward writes the weight gradients in place instead of stacking them.
+      hand-written backward writes the weight gradients in place instead of stacking them. Below
+      ``CHUNKED_MIN_TOKENS_PER_EXPERT`` tokens per expert on average (decoding), ``grouped`` where
+      ``_grouped_mm`` takes the operands: at ~16 tokens per expert it ran 1.2-1.4x faster than the
+      per-expert loop (bench_moma_mlp.py --quick shapes).
     - CUDA: ``grouped`` where ``_grouped_mm`` takes the operands (bf16 on compute capability 9.0+,
       16-byte row strides), else ``padded`` when the loads are even (expert choice in training gives
       every expert of a group the same count), else ``loop`` (a padded batch of uneven loads
       computes mostly padding). Not yet measured on a GPU.
     """
     if not x_AH.is_cuda:
-        return "chunked"
+        # Few tokens per expert (decoding, tiny micro-batches): per-expert Python work dominates, and
+        # one grouped call per matmul is cheaper.
+        small = sum(tokens_per_expert) < CHUNKED_MIN_TOKENS_PER_EXPERT * len(tokens_per_expert)
+        return "grouped" if small and grouped_mm_supported(x_AH, experts) else "chunked"
     if grouped_mm_supported(x_AH, experts):
         return "grouped"
     loads = list(tokens_per_expert)

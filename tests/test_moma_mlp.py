@@ -117,15 +117,18 @@ def test_grouped_path_uses_grouped_mm(monkeypatch):
     assert len(calls) == 2  # fc1 and fc2, all experts at once
 
 
-def test_auto_runs_chunked_on_cpu(monkeypatch):
-    """The rule of moma_plugin.experts.choose_execution: on CPU expert by expert, chunked."""
+@pytest.mark.parametrize("seq, expected", [(24, "grouped"), (400, "chunked")])
+def test_auto_on_cpu_runs_chunked_unless_experts_get_few_tokens(seq, expected, monkeypatch):
+    """The rule of moma_plugin.experts.choose_execution on CPU: chunked, or grouped below
+    CHUNKED_MIN_TOKENS_PER_EXPERT tokens per expert (24 x 3 tokens: 9 per expert; 400 x 3: 150)."""
     calls = []
-    monkeypatch.setattr(moma_mlp_module, "run_experts_chunked",
-                        lambda *a: calls.append(1) or run_experts_chunked(*a))
+    for name in ("run_experts_chunked", "run_experts_grouped"):
+        original = getattr(moma_mlp_module, name)
+        monkeypatch.setattr(moma_mlp_module, name, lambda *a, n=name, f=original: calls.append(n) or f(*a))
     mlp = moma_mlp(tiny_config(moma_experts="4t4i"))
     assert mlp.config.moma_expert_execution == "auto"
-    run_mlp(mlp, *_inputs()[:2])
-    assert calls == [1]
+    run_mlp(mlp, *_inputs(s=seq)[:2])
+    assert calls == [f"run_experts_{expected}"]
 
 
 def test_odd_hidden_size_falls_back_to_padded_path():

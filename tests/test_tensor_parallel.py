@@ -36,7 +36,7 @@ VARIANTS = {
     "loop": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="loop"), "loop"),
     "grouped": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="grouped"), "grouped"),
     "padded": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="padded"), "padded"),
-    "chunked": (dict(_BASE, moma_experts="2t2i"), "chunked"),  # what "auto" runs on CPU
+    "chunked": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="chunked"), "chunked"),
     "chunked-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
                              moma_expert_execution="chunked"), "chunked"),
     "loop-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
