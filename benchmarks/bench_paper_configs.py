@@ -67,6 +67,7 @@ warnings.filterwarnings("ignore", message="Apex is not installed.*")
 warnings.filterwarnings("ignore", message="full scope is deprecated.*")
 
 import moma_plugin  # noqa: E402
+import moma_plugin.experts as experts_module  # noqa: E402
 from moma_plugin.config import MoMaConfig  # noqa: E402
 from moma_plugin.flops import training_flops_per_token  # noqa: E402
 from moma_plugin.training import arguments, initialize, loop  # noqa: E402
@@ -85,7 +86,7 @@ PHASES = ("forward", "backward", "clip", "optimizer")
 PAPER_WORDS_PER_S = {"dense": 31970, "8x": 28990, "1t1i": 30196, "4t4i": 26424,
                      "MoD 1t1i": 25367, "MoD 4t4i": 22114}
 TARGETS = {"1t1i": 1.03, "8x": 1.10, "4t4i": 1.15, "MoD 4t4i": 1.35}
-EXECUTION_CANDIDATES = ("grouped", "loop", "auto", "padded")
+EXECUTION_CANDIDATES = ("auto", "loop", "chunked", "grouped", "padded")
 QUICK_MODEL_FLAGS = ["--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "2"]
 
 
@@ -143,23 +144,27 @@ def fill_defaults(args, p):
     args.supported_executions = supported
     if args.execution is None:  # what moma-pretrain runs when the flag is not given
         args.execution = arguments.parse_args(pretrain_argv("dense", args)).moma_expert_execution
-    if args.execution not in supported:
+    if not execution_accepted(args.execution):
         p.error(f"--execution {args.execution!r}: this moma_plugin accepts {', '.join(supported)}")
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def execution_accepted(value) -> bool:
+    """Whether this moma_plugin's MoMaConfig takes moma_expert_execution=value (found by trying)."""
+    try:
+        MoMaConfig(num_layers=1, hidden_size=8, num_attention_heads=1, moma_experts="1t1i",
+                   moma_expert_execution=value)
+    except ValueError:
+        return False
+    return True
+
+
 def supported_executions():
-    """The moma_expert_execution values this moma_plugin's MoMaConfig accepts (found by trying)."""
-    found = []
-    for value in EXECUTION_CANDIDATES:
-        try:
-            MoMaConfig(num_layers=1, hidden_size=8, num_attention_heads=1, moma_experts="1t1i",
-                       moma_expert_execution=value)
-        except ValueError:
-            continue
-        found.append(value)
-    return found
+    """The moma_expert_execution values MoMaConfig accepts, of the known names and those that
+    moma_plugin.experts lists (an older moma_plugin has no such list)."""
+    listed = tuple(getattr(experts_module, "EXECUTIONS", ()))
+    return [value for value in dict.fromkeys(EXECUTION_CANDIDATES + listed) if execution_accepted(value)]
 
 
 def pretrain_argv(name, args):
@@ -575,7 +580,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     parallel = initialize.setup_parallel(pretrain_args("dense", args))
     train_set, layout, sampler = data_source(args, parallel, args.seq)
-    short_set, _, short_sampler = data_source(args, parallel, args.count_seq)
+    short_set, short_sampler = train_set, sampler
+    if args.count_seq != args.seq:
+        short_set, _, short_sampler = data_source(args, parallel, args.count_seq)
     first_batches = draw_micro_batches(train_set, sampler, args.micro_batches, parallel)
     tokens_per_step = args.micro_batches * args.micro_batch * args.seq
     print_preamble(args, tokens_per_step)
