@@ -10,6 +10,7 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 from .config import MoMaConfig
+from .experts import EXECUTIONS
 
 
 def parse_vocab_ranges(text: Optional[str]) -> Optional[Dict[str, Tuple[int, int]]]:
@@ -48,7 +49,7 @@ def add_moma_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--moma-post-norm", action="store_true",
                        help="Chameleon-style norm after each sublayer instead of before")
     group.add_argument("--moma-expert-execution",
-                       choices=("auto", "loop", "chunked", "grouped", "padded"),
+                       choices=EXECUTIONS,
                        default="auto",
                        help="how experts run: auto (by device and dtype; see benchmarks/README.md), "
                             "loop (expert by expert; the reference), chunked (expert by expert, "

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .experts import EXECUTIONS
+
 SHARED_GROUP = "shared"  # name of the one group of an ``Nx`` layout, which serves every modality
 _GROUP_PATTERN = re.compile(r"(\d+)([a-z])")
 
@@ -154,7 +156,7 @@ class MoMaConfig(TransformerConfig):
                 f"moma_capacity_factor={self.moma_capacity_factor} must be a finite number > 0 "
                 "(paper: 1.0)."
             )
-        if self.moma_expert_execution not in ("auto", "loop", "chunked", "grouped", "padded"):
+        if self.moma_expert_execution not in EXECUTIONS:
             raise ValueError(
                 f"moma_expert_execution={self.moma_expert_execution!r}: use 'auto', 'loop', "
                 "'chunked', 'grouped' or 'padded'."

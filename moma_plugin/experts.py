@@ -338,6 +338,3 @@ def run_experts_padded(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: 
                                                     group=experts.tp_group)
     return _add_per_expert(y_AH, experts.fc2_bias, tokens_per_expert)
 
-
-RUNNERS = {"loop": run_experts_loop, "chunked": run_experts_chunked, "grouped": run_experts_grouped,
-           "padded": run_experts_padded}
