@@ -25,6 +25,6 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "deepspeed": ["deepspeed>=0.15"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pytest-timeout>=2"],
     },
 )

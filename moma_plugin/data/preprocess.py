@@ -283,7 +283,10 @@ def preprocess(args) -> dict:
         progress = _progress(len(documents), args.quiet)
         workers = min(args.workers, len(documents), os.cpu_count() or 1)
         if workers > 1:
-            context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+            # Spawned, not forked: this process has threads by now (the tokenizers' training,
+            # OpenMP, torch), and a fork can copy a lock one of them holds; a forked worker then
+            # waits on it for ever. Spawning costs each worker an interpreter start.
+            context = multiprocessing.get_context("spawn")
             with context.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
                 encoded = list(progress(pool.imap(_encode_in_worker, documents, chunksize=16)))
         else:
