@@ -36,8 +36,9 @@ optimizer step per config by phase (a TorchDispatchMode counter over a step of -
 
 Default run (2 timed rounds) on the quiet 2-core development machine: about 4 minutes (measured 246 s:
 building the six models and their loop twins 30 s, the untimed steps at seq 64 40 s, a round of 12
-steps 90 s), and 9-15 minutes when other jobs share the machine. A third round adds 1.5-5 min. It needs ~17 GB of memory: weights, gradients and AdamW state of all six
-models (1.0 B parameters) stay alive; --configs runs a subset.
+steps 90 s), and 9-15 minutes when other jobs share the machine. A third round adds 1.5-5 min. It
+needs ~17 GB of memory: weights, gradients and AdamW state of all six models (1.0 B parameters) stay
+alive; --configs runs a subset.
 See benchmarks/README.md for what the columns mean.
 """
 
