@@ -25,6 +25,6 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "deepspeed": ["deepspeed>=0.15"],
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "deepspeed>=0.15"],  # tests/test_engines.py: ZeRO 1-3
     },
 )

@@ -12,10 +12,10 @@ bundled corpus (``bundled:interleaved``, drawn by the 4t4i config's balanced sam
 +- 5% per micro-batch; the same batches for every config within a round). Only the sequence and the
 batch are CPU-sized: --seq 512, --micro-batch 2, --micro-batches 4 accumulated, 4,096 tokens per step.
 
-A step is ``moma_plugin.training.loop.train_step`` itself, with what it calls wrapped to time four phases:
+A step is ``moma_plugin.training.step.train_step`` itself, with what it calls wrapped to time four phases:
   forward    the rest of train_step: each micro-batch's forward and loss, the per-modality loss sums
   backward   every Tensor.backward call (one per micro-batch)
-  clip       loop.clip_gradients: the global gradient norm and the scaling
+  clip       the engine's clip: the global gradient norm and the scaling
   optimizer  optimizer.step, optimizer.zero_grad and the learning-rate schedule's step
 Each config runs two steps per round: one at --threads intra-op threads (its wall time, perf_counter:
 the "wall" table) and one at 1 thread (its CPU time, time.process_time: the "1-thread CPU" table, which
@@ -70,7 +70,8 @@ import moma_plugin  # noqa: E402
 import moma_plugin.experts as experts_module  # noqa: E402
 from moma_plugin.config import MoMaConfig  # noqa: E402
 from moma_plugin.flops import training_flops_per_token  # noqa: E402
-from moma_plugin.training import arguments, initialize, loop  # noqa: E402
+from moma_plugin.training import arguments, initialize, step  # noqa: E402
+from moma_plugin.training.engines.ddp import DDPEngine  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,14 +190,16 @@ def pretrain_args(name, args, execution=None):
 
 # -- building ---------------------------------------------------------------------------------------
 class Variant:
-    """One config: its arguments, model (train mode), AdamW, schedule and MoMaConfig."""
+    """One config: its arguments, model (train mode), its ddp engine (one process: the bare model and
+    AdamW), schedule and MoMaConfig."""
 
     def __init__(self, name, targs, layout, parallel):
         initialize.seed_everything(targs.seed)
         self.name, self.targs = name, targs
         self.model, self.config = initialize.build_model(targs, layout, parallel)
         self.model.train()
-        self.optimizer = initialize.build_optimizer(self.model, targs)
+        self.engine = DDPEngine(self.model, targs, parallel, initialize.build_optimizer)
+        self.optimizer = self.engine.optimizer
         self.scheduler = initialize.build_scheduler(self.optimizer, targs)
 
     @property
@@ -221,7 +224,7 @@ def data_source(args, parallel, seq):
 
 def draw_micro_batches(train_set, sampler, num_micro, parallel):
     """One optimizer step's collated micro-batches (dicts of [b, s] tensors)."""
-    return [loop.collate([train_set[i] for i in sampler.next_step()[parallel.dp_rank]])
+    return [step.collate([train_set[i] for i in sampler.next_step()[parallel.dp_rank]])
             for _ in range(num_micro)]
 
 
@@ -262,11 +265,11 @@ class PhaseClock:
 
 @contextlib.contextmanager
 def phases_of_train_step(variant, clock):
-    """While open, what loop.train_step calls for its phases runs through ``clock``: Tensor.backward
-    (backward), loop.clip_gradients (clip), the optimizer's step and zero_grad and the schedule's step
+    """While open, what a step calls for its phases runs through ``clock``: Tensor.backward
+    (backward), the engine's clip (clip), the optimizer's step and zero_grad and the schedule's step
     (optimizer). Everything else train_step does is its forward phase: the forwards, the loss, the
     per-modality loss sums and the (one-process) all-reduces."""
-    targets = [(torch.Tensor, "backward", "backward"), (loop, "clip_gradients", "clip"),
+    targets = [(torch.Tensor, "backward", "backward"), (variant.engine, "clip", "clip"),
                (variant.optimizer, "step", "optimizer"), (variant.optimizer, "zero_grad", "optimizer"),
                (variant.scheduler, "step", "optimizer")]
     saved = []
@@ -285,11 +288,12 @@ def phases_of_train_step(variant, clock):
 
 
 def instrumented_train_step(variant, micro_batches, layout, parallel, clock):
-    """loop.train_step itself, with its phases timed by ``clock``; returns (wall s, CPU s, finite)."""
+    """step.train_step itself and the schedule's step, with their phases timed by ``clock``; returns
+    (wall s, CPU s, finite)."""
     with phases_of_train_step(variant, clock):
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        _, _, finite = loop.train_step(variant.model, variant.optimizer, variant.scheduler,
-                                       micro_batches, layout, variant.targs, parallel)
+        _, _, finite = step.train_step(variant.engine, micro_batches, layout, variant.targs, parallel)
+        variant.scheduler.step(increment=1)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     clock.wall["forward"] = wall - sum(clock.wall.values())
     clock.cpu["forward"] = cpu - sum(clock.cpu.values())
@@ -339,8 +343,8 @@ def count_ops(variant, micro_batches, layout, parallel, threads):
 @torch.no_grad()
 def forward_mean_loss(model, batch, parallel):
     """The masked mean loss of one forward (train mode, no autograd)."""
-    batch = loop.to_device(batch, parallel.device)
-    loss_BS = loop.forward_loss(model, batch)
+    batch = step.to_device(batch, parallel.device)
+    loss_BS = step.forward_loss(model, batch)
     return float((loss_BS * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
 
 
@@ -511,10 +515,10 @@ def warm_up(args, variants, data, short_data, layout, parallel):
         short_set, short_sampler, args.micro_batches, parallel), layout, parallel, count=True)
     print(f"aten ops counted: a step of {args.micro_batches} micro-batches at seq {args.count_seq} per "
           f"config ({seconds:.0f} s)", flush=True)
-    for step in range(args.warmup):
+    for index in range(args.warmup):
         micro_batches = draw_micro_batches(*data, args.micro_batches, parallel)
         _, seconds = untimed_round(args, variants, micro_batches, layout, parallel)
-        print(f"warm-up step {step + 1}/{args.warmup} ({seconds:.0f} s)", flush=True)
+        print(f"warm-up step {index + 1}/{args.warmup} ({seconds:.0f} s)", flush=True)
     return ops
 
 

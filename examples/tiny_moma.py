@@ -23,7 +23,7 @@ import moma_plugin as mp  # noqa: E402
 from moma_plugin.data.corpus import bundled_dataset_prefix  # noqa: E402
 from moma_plugin.data.dataset import build_datasets  # noqa: E402
 from moma_plugin.data.sampler import BalancedSampler, target_shares_from_experts  # noqa: E402
-from moma_plugin.training.loop import (  # noqa: E402
+from moma_plugin.training.step import (  # noqa: E402
     collate, forward_loss, label_modalities, modality_loss_sums,
 )
 from moma_plugin.training.metrics_log import losses_from_sums  # noqa: E402

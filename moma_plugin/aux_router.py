@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .routing import linear_fp32
+
 ROUTING_MODES = ("train", "causal")
 
 
@@ -47,13 +49,16 @@ class AuxRouter(torch.nn.Module):
                              persistent=False)
 
     def forward(self, x_TH: Tensor) -> Tensor:
-        hidden = F.silu(F.linear(x_TH.float(), self.fc1.float()))
-        return F.linear(hidden, self.fc2.float())
+        return linear_fp32(F.silu(linear_fp32(x_TH, self.fc1)), self.fc2)
 
     def loss(self, x_TH: Tensor, targets_TE: Tensor, modality_T: Tensor, threshold: float) -> Tensor:
         """BCE of the router on ``x_TH.detach()`` against the 0/1 ``targets_TE``; counts its decisions
-        per modality into ``confusion_M4`` (columns: true pos, false pos, false neg, true neg)."""
+        per modality into ``confusion_M4`` (columns: true pos, false pos, false neg, true neg). With no
+        tokens (a rank whose micro-batch holds none of the group's modality) the loss is a zero that
+        still runs the router, so its weights get a (zero) gradient on every rank."""
         logits_TE = self(x_TH.detach())
+        if logits_TE.numel() == 0:
+            return logits_TE.sum()
         loss = F.binary_cross_entropy_with_logits(logits_TE, targets_TE.float())
         with torch.no_grad():
             predicted = logits_TE > logit(threshold)

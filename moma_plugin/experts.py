@@ -74,7 +74,9 @@ class StackedExperts(torch.nn.Module):
             config.output_layer_init_method(master2)
             fc1.append(_tp_shard(master1, 0, 2, rank, world))
             fc2.append(_tp_shard(master2, 1, 1, rank, world))
-        make = lambda t: torch.nn.Parameter(t.to(device=device, dtype=config.params_dtype))  # noqa: E731
+        # (Built under ``torch.device("meta")``, e.g. to count parameters, the tensors stay there.)
+        make = lambda t: torch.nn.Parameter(  # noqa: E731
+            t.to(device=t.device if t.is_meta else device, dtype=config.params_dtype))
         self.fc1_weight = make(torch.stack(fc1))  # [E, 2F, H]
         self.fc2_weight = make(torch.stack(fc2))  # [E, H, F]
         set_tensor_model_parallel_attributes(self.fc1_weight, True, 1, 2)
@@ -104,6 +106,8 @@ class StackedExperts(torch.nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for name, param in self.stacked_parameters().items():
             stacked = param if keep_vars else param.detach()
+            if hasattr(stacked, "full_tensor"):  # an FSDP2 shard (a DTensor): every rank gathers it
+                stacked = stacked.full_tensor()
             for key, tensor in zip(self.expert_keys(name), stacked.unbind(0)):
                 destination[prefix + key] = tensor
 

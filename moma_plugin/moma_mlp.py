@@ -30,7 +30,7 @@ from .experts import (
     run_experts_padded,
 )
 from .layout import ModalityLayout
-from .routing import balanced_choice, expert_choice, sigmoid_scores, threshold_choice
+from .routing import balanced_choice, expert_choice, linear_fp32, sigmoid_scores, threshold_choice
 
 
 @dataclass
@@ -56,7 +56,7 @@ class GroupRouter(torch.nn.Module):
 
     def forward(self, x_TH: Tensor) -> Tensor:
         if self.compute_in_fp32:
-            return torch.nn.functional.linear(x_TH.float(), self.weight.float())
+            return linear_fp32(x_TH, self.weight)
         return torch.nn.functional.linear(x_TH, self.weight)
 
 
@@ -177,7 +177,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
             token_indices.append(group_tokens_G[local_index_EC].reshape(-1))
             gates.append(gate_EC.reshape(-1))
             tokens_per_expert.extend([capacity] * group.num_experts)
-            if train_aux and group_tokens_G.numel():
+            if train_aux:  # also with no tokens of the group: every rank runs every aux router
                 targets_GE = torch.zeros_like(logits_GE, dtype=torch.bool)
                 experts_EC = torch.arange(group.num_experts, device=x_TH.device).unsqueeze(1)
                 targets_GE[local_index_EC, experts_EC.expand_as(local_index_EC)] = True
@@ -191,7 +191,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         its own tokens' rows and its experts' columns)."""
         weight_EH = torch.cat([self.router[g.name].weight for g in self.groups])
         if self.config.moma_router_fp32:
-            return torch.nn.functional.linear(x_TH.float(), weight_EH.float())
+            return linear_fp32(x_TH, weight_EH)
         return torch.nn.functional.linear(x_TH, weight_EH)
 
     def route_causal(self, x_TH: Tensor, layout: ModalityLayout) -> RoutingPlan:

@@ -9,6 +9,12 @@ import torch
 from torch import Tensor
 
 
+def linear_fp32(x: Tensor, weight: Tensor) -> Tensor:
+    """``x W^T`` in float32, also under bf16 autocast (routers and their scores stay fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), weight.float())
+
+
 def sigmoid_scores(logits_TE: Tensor, gumbel_noise: bool = False) -> Tensor:
     """Router scores g(x) = sigmoid(x W) in float32; each token's score ignores every other token.
 

@@ -1,18 +1,21 @@
 """The benchmarks keep running (a smoke run; timings are not asserted, only that the paths agree)."""
 
+import os
 import pathlib
 import re
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The benchmarks start their own process groups: not on the port of this process's group.
+ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
 
 def test_moma_mlp_benchmark_smoke_run():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_moma_mlp.py"), "--quick", "--seq", "64",
          "--batch", "2"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=ENV,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     differences = re.search(r"chunked ([0-9.e+-]+), grouped ([0-9.e+-]+), padded ([0-9.e+-]+)",
@@ -24,7 +27,7 @@ def test_moma_mlp_benchmark_smoke_run():
 
 def test_generation_benchmark_smoke_run():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generation.py"), "--quick"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]  # it exits non-zero if the paths disagree
     for name in ("4t4i", "MoD 4t4i"):
         assert re.search(rf"^\| {name} \| [0-9,]+ \| [0-9,]+ \| [0-9.]+x \|$", result.stdout,
@@ -33,7 +36,7 @@ def test_generation_benchmark_smoke_run():
 
 def test_paper_configs_benchmark_smoke_run():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_paper_configs.py"), "--quick"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     agreement = re.search(r"^max \|loss - loss_loop\| .*: ([0-9.e+-]+), relative ([0-9.e+-]+)", result.stdout,
                           re.MULTILINE)
@@ -42,3 +45,14 @@ def test_paper_configs_benchmark_smoke_run():
         # A row in the wall, 1-thread CPU and aten-op tables, and (not dense) in the paper table.
         rows = re.findall(rf"^\| {name} \| [0-9]", result.stdout, re.MULTILINE)
         assert len(rows) == (3 if name == "dense" else 4), (name, result.stdout)
+
+
+def test_engines_benchmark_smoke_run():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engines.py"), "--quick"],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for engine in ("ddp", "fsdp2", "zero2"):
+        row = re.search(rf"^\| tiny \| {engine} \| [0-9,]+ \| ([0-9.]+) \| [0-9.]+ \| [0-9.]+ \| [0-9,]+ \| [0-9.]+ \|$",
+                        result.stdout, re.MULTILINE)
+        assert row, (engine, result.stdout)
+    assert re.search(r"^\| tiny \| ddp \| [0-9,]+ \| 1\.00 \|", result.stdout, re.MULTILINE)

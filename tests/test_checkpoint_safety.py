@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moma_plugin.training import checkpointing, loop
+from moma_plugin.training import checkpointing, loop, step
 
 from .test_pretrain import REPO, TINY, read_jsonl, run_cli
 
@@ -283,8 +283,8 @@ def test_sigterm_to_moma_torchrun_exits_0_after_the_workers_saved_on_every_node(
 def test_a_held_out_split_too_small_is_refused_before_any_training(megatron_single_process, tmp_path,
                                                                    monkeypatch):
     steps = []
-    real = loop.forward_loss
-    monkeypatch.setattr(loop, "forward_loss", lambda model, batch: steps.append(1) or real(model, batch))
+    real = step.forward_loss
+    monkeypatch.setattr(step, "forward_loss", lambda model, batch: steps.append(1) or real(model, batch))
     with pytest.raises(SystemExit, match="the held-out split has 1 samples, fewer than one evaluation step of 4"):
         loop.pretrain([*TINY, "--valid-fraction", "0.002", "--train-iters", "4", "--eval-interval", "2",
                        "--run-dir", str(tmp_path)])
@@ -368,7 +368,7 @@ def test_a_disk_full_error_is_recognised_through_torchs_runtime_error(tmp_path, 
 def test_a_divergence_is_not_saved_and_resuming_rolls_back_with_a_new_learning_rate(
         megatron_single_process, tmp_path, monkeypatch, capsys):
     common = [*FAST, "--train-iters", "12", "--save-interval", "3", "--run-dir", str(tmp_path)]
-    real_forward, real_collate = loop.forward_loss, loop.collate
+    real_forward, real_collate = step.forward_loss, loop.collate
     calls, batches = {"n": 0}, []
 
     def diverging(model, batch):
@@ -376,7 +376,7 @@ def test_a_divergence_is_not_saved_and_resuming_rolls_back_with_a_new_learning_r
         loss = real_forward(model, batch)
         return loss * 50 if calls["n"] in (4, 5) else loss * float("nan") if calls["n"] == 6 else loss
 
-    monkeypatch.setattr(loop, "forward_loss", diverging)
+    monkeypatch.setattr(step, "forward_loss", diverging)
     monkeypatch.setattr(loop, "collate", lambda items: batches.append(real_collate(items)) or batches[-1])
     result = loop.pretrain(common)
     err = capsys.readouterr().err
@@ -390,7 +390,7 @@ def test_a_divergence_is_not_saved_and_resuming_rolls_back_with_a_new_learning_r
     assert json.loads((save / "nan_stop.json").read_text())["failed_iteration"] == 6
 
     # A lower --lr alone is refused: which value wins must be said.
-    monkeypatch.setattr(loop, "forward_loss", real_forward)
+    monkeypatch.setattr(step, "forward_loss", real_forward)
     with pytest.raises(SystemExit, match=r"--lr 0.0015 \(checkpoint: 0.003\).*--override-opt_param"):
         loop.pretrain([*common, "--lr", "1.5e-3"])
     batches.clear()

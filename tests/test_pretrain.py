@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moma_plugin.training import checkpointing, loop
+from moma_plugin.training import checkpointing, loop, step
+from moma_plugin.training.evaluation import evaluate
 from moma_plugin.training.arguments import parse_args
 from moma_plugin.training.initialize import build_model, setup_parallel
 from moma_plugin.training.metrics_log import losses_from_sums
@@ -147,7 +148,7 @@ def test_per_modality_loss_sums_match_a_manual_computation():
     loss = torch.rand(3, 7, generator=g) * 5
     mask = (torch.rand(3, 7, generator=g) > 0.2).float()
     modality = torch.randint(0, 3, (3, 7), generator=g)
-    sums = loop.modality_loss_sums(loss, mask, modality, 3)
+    sums = step.modality_loss_sums(loss, mask, modality, 3)
     values = losses_from_sums(sums, ("text", "image", "speech"), with_ppl=True)
     for m, name in enumerate(("text", "image", "speech")):
         picked = [loss[i, j].item() for i in range(3) for j in range(7)
@@ -168,14 +169,14 @@ def test_evaluation_equals_a_manual_pass_over_the_held_out_split(megatron_single
 
     _, valid = build_datasets([bundled_dataset_prefix()], args.seq_length, args.valid_fraction, args.seed)
     model, _ = build_model(args, valid.layout, parallel)
-    values = loop.evaluate(model, valid, args, valid.layout, parallel)
+    values = evaluate(model, valid, args, valid.layout, parallel)
     image_start, image_end = valid.layout.range_of("image")
     totals = {"text": [0.0, 0], "image": [0.0, 0]}
     model.eval()
     with torch.no_grad():
         for pair in range(3):  # expert choice routes over a micro-batch: same micro-batches
-            batch = loop.collate([valid[2 * pair], valid[2 * pair + 1]])
-            loss = loop.forward_loss(model, batch)
+            batch = step.collate([valid[2 * pair], valid[2 * pair + 1]])
+            loss = step.forward_loss(model, batch)
             for i in range(2):
                 for j in range(args.seq_length):
                     label = int(batch["labels"][i, j])

@@ -17,6 +17,7 @@ import yaml
 from ..args import add_moma_args
 from ..cli import HelpFormatter, UsageError
 from ..config import parse_expert_groups
+from .engines import check_engine_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks each layer is split over (launch with torchrun)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages (only 1 is supported yet)")
+
+    g = parser.add_argument_group("data-parallel engine and precision (docs/TRAINING.md, \"Engines\")")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="shard parameters, gradients and optimizer state with torch FSDP2 (fully_shard per "
+                        "layer); default engine: torch DistributedDataParallel")
+    g.add_argument("--torch-fsdp2-no-reshard-after-forward", dest="torch_fsdp2_reshard_after_forward",
+                   action="store_false",
+                   help="FSDP2: keep each layer's gathered weights from forward to backward")
+    g.add_argument("--deepspeed", action="store_true", help="train with DeepSpeed (ZeRO stage from the JSON)")
+    g.add_argument("--deepspeed-config", default=None, metavar="FILE.json",
+                   help="DeepSpeed's JSON config (examples/deepspeed/zero{1,2,3}.json)")
+    g.add_argument("--use-megatron-ddp", action="store_true",
+                   help="Megatron-Core's DistributedDataParallel (GPU only)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="with --use-megatron-ddp: Megatron's sharded optimizer")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="ddp: gradients per all-reduce bucket, in elements (default: 25 MiB of fp32)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 compute with fp32 master weights and optimizer state (routers, losses fp32)")
+    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (DeepSpeed only)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -338,6 +359,7 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     _check_moma_flags(args, fail)
+    check_engine_flags(args, fail)
     _check_ranges(args, fail)
     _derive_schedule(args, fail)
     if args.ffn_hidden_size is None:

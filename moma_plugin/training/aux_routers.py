@@ -33,17 +33,11 @@ from ..aux_router import (
 from ..cli import HelpFormatter, UsageError, run_tool
 from . import checkpointing
 from .from_checkpoint import args_from_checkpoint, build_from_checkpoint, checkpoint_args, load_state
+from .engines.ddp import DDPEngine
+from .evaluation import evaluate, held_out_batches
 from .initialize import build_sampler, load_datasets, seed_everything, setup_parallel
-from .loop import (
-    allreduce_gradients,
-    clip_gradients,
-    collate,
-    evaluate,
-    forward_loss,
-    held_out_batches,
-    lock_directories,
-    to_device,
-)
+from .run_lock import lock_directories
+from .step import collate, forward_loss, to_device
 from .metrics_log import MetricsWriter
 
 TOOL = "moma-train-aux-routers"
@@ -165,7 +159,10 @@ def _train(options, args, parallel) -> Dict[str, object]:
     held_out_batches(valid_set, args, parallel)  # too small for the final report: say so now
     sampler, _, _ = build_sampler(train_set, args, parallel, layout, seed=options.seed,
                                   announce=lambda m: print(m, flush=True))
-    optimizer = torch.optim.AdamW(routers, lr=options.lr, weight_decay=0.0)
+    # The model is frozen: DDP averages the aux routers' gradients only (the loss is each rank's mean).
+    engine = DDPEngine(model, args, parallel,
+                       lambda model, args: torch.optim.AdamW(routers, lr=options.lr, weight_decay=0.0))
+    optimizer = engine.optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     min_lr = 0.01 * options.lr if options.min_lr is None else options.min_lr
@@ -189,16 +186,13 @@ def _train(options, args, parallel) -> Dict[str, object]:
     losses, start, history = [], time.perf_counter(), []
     for iteration in range(1, options.train_iters + 1):
         batch = collate([train_set[i] for i in sampler.next_step()[parallel.dp_rank]])
-        optimizer.zero_grad(set_to_none=True)
-        forward_loss(model, to_device(batch, parallel.device))
+        engine.zero_grad()
+        with engine.autocast():
+            forward_loss(engine.module, to_device(batch, parallel.device))
         loss = pop_aux_loss(model)
-        loss.backward()
-        allreduce_gradients(model, parallel)
-        for p in routers:
-            if p.grad is not None:
-                p.grad.div_(parallel.dp)
-        clip_gradients(model, options.clip_grad, parallel, routers)
-        optimizer.step()
+        engine.backward(loss)
+        engine.clip(options.clip_grad, routers)
+        engine.step()
         scheduler.step(increment=1)
         losses.append(float(loss.detach()))
         if iteration % options.log_interval == 0 or iteration == options.train_iters:

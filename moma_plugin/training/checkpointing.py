@@ -254,6 +254,22 @@ def _write_rank_file(state: Dict[str, Any], path: Path) -> Tuple[str, int, str]:
     return str(path.relative_to(path.parent.parent)), path.stat().st_size, storage.sha256_file(path)
 
 
+def _write_engine_files(write, staging: Path, iteration: int):
+    """Every rank writes its part; then rank 0 returns the (name, bytes, sha256) records of all the
+    files of the sub-directory (for the manifest), the others None; a failure's message on any rank."""
+    try:
+        subdir = write(staging)
+    except Exception as e:
+        return _failure(f"saving iteration {iteration}", staging, e)
+    finally:
+        if _distributed():
+            torch.distributed.barrier()
+    if _rank() != 0:
+        return None
+    return [(str(path.relative_to(staging)), path.stat().st_size, storage.sha256_file(path))
+            for path in sorted((staging / subdir).rglob("*")) if path.is_file()]
+
+
 def _failure(what: str, path: Path, error: BaseException) -> str:
     if storage.is_disk_full(error):
         return f"{storage.disk_full_message(path)} while writing {path}"
@@ -262,11 +278,12 @@ def _failure(what: str, path: Path, error: BaseException) -> str:
 
 def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, writes: bool,
                     summary: Optional[Dict[str, Any]] = None, keep_last: Optional[int] = None,
-                    extra_files: Optional[Dict[str, str]] = None) -> Path:
+                    extra_files: Optional[Dict[str, str]] = None, engine_files=None) -> Path:
     """Writes this rank's ``state`` (if ``writes``: the first data-parallel rank of each TP rank) and
     publishes the checkpoint with its manifest (``summary``: extra fields for it, e.g. the loss;
-    ``extra_files``: {name: text} published inside the checkpoint directory with it). Every rank must
-    call it. Raises CheckpointError on every rank when any rank's write failed; the previous
+    ``extra_files``: {name: text} published inside the checkpoint directory with it; ``engine_files``:
+    a callable every rank calls with the staging directory, returning the sub-directory it wrote there
+    (DeepSpeed's own checkpoint), whose files the manifest then lists). Every rank must call it. Raises CheckpointError on every rank when any rank's write failed; the previous
     checkpoints and the tracker are then untouched. ``keep_last``: delete all but the newest that many
     checkpoints afterwards."""
     state = dict(state, moma=dict(state.get("moma", {}), has_manifest=True))
@@ -288,6 +305,9 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
             except Exception as e:  # torch raises RuntimeError with the OSError as its context
                 record = _failure(f"saving iteration {iteration}", rank_file(staging, tp_rank), e)
         records = _gather(record)
+        if engine_files is not None and not any(isinstance(r, str) for r in records):
+            extra = _gather(_write_engine_files(engine_files, staging, iteration))
+            records += [entry for r in extra for entry in (r if isinstance(r, list) else [r])]
         errors = [r for r in records if isinstance(r, str)]
         error = errors[0] if errors else None
         if error is None and _rank() == 0:

@@ -2,14 +2,9 @@
 
 What comes from megatron-core: parallel state (tensor/data-parallel groups), the model (GPTModel with
 MoMa layer specs, tensor-parallel linears, vocab-parallel embedding and cross entropy) and the learning-
-rate schedule (``OptimizerParamScheduler``). What is plain torch here, because megatron-core 0.16 cannot
-run it on CPU: the forward/backward loop over micro-batches (``forward_backward_no_pipelining`` allocates
-its token counter on CUDA), the optimizer (``get_megatron_optimizer`` and Megatron's DDP assert CUDA),
-the data-parallel gradient all-reduce and the tensor-parallel-aware gradient clipping. They do what
-Megatron's do for pipeline size 1: loss averaged over every unmasked token of the global batch, gradients
-summed over data-parallel ranks, one global gradient norm over all shards.
-
-Per-modality losses: a token's loss counts for the modality of the token being predicted (its label).
+rate schedule (``OptimizerParamScheduler``). The data-parallel side is an engine (``engines``: torch
+DDP, FSDP2 or DeepSpeed), which reduces, clips and applies the gradients; the forward/backward over
+micro-batches is plain torch (``step.train_step``: megatron-core 0.16's schedules allocate on CUDA).
 
 A run (``PretrainJob``): lock the run and checkpoint directories, build everything and check what can be
 checked before the first step (data, held-out split, sampler bound, flags against a checkpoint), resume,
@@ -28,28 +23,25 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 
 from ..aux_router import (
-    aux_owners,
-    aux_router_parameters,
     collect_aux_metrics,
     has_trained_aux_routers,
     mark_aux_routers_trained,
-    pop_aux_loss,
     set_aux_router_training,
-    set_routing_mode,
 )
 from ..cli import UsageError, run_tool
 from ..flops import training_flops_per_token
 from ..launch import report_signal_stop
 from ..metrics import collect_routing_metrics
-from ..storage import disk_full_message, is_disk_full
 from . import checkpointing, resume
 from .arguments import args_for_checkpoint, batch_sizes, parse_args
+from .engines import build_engine
+from .engines.memory import estimate_line
+from .evaluation import evaluate, held_out_batches
 from .initialize import (
     Parallel,
     any_rank,
@@ -67,7 +59,8 @@ from .initialize import (
     token_counts,
 )
 from .metrics_log import Interval, MetricsWriter, format_log_line, losses_from_sums, mean_loss, routing_summary
-from .run_lock import DirectoryLock
+from .step import collate, train_step
+from .run_lock import lock_directories
 from .signals import StopRequest
 
 TOOL = "moma-pretrain"
@@ -86,181 +79,6 @@ class RunResult:
     signal: Optional[str] = None
 
 
-# -- one step ---------------------------------------------------------------------------------------
-def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def collate(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-def label_modalities(batch, layout) -> torch.Tensor:
-    """[b, s] modality id of each label (the token being predicted)."""
-    return torch.from_numpy(layout.modality_ids(batch["labels"].numpy()).astype(np.int64))
-
-
-def modality_loss_sums(loss_BS: torch.Tensor, loss_mask_BS: torch.Tensor, label_modality_BS: torch.Tensor,
-                       num_modalities: int) -> torch.Tensor:
-    """[2, M]: summed masked loss and token count of each label modality (float64)."""
-    sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=loss_BS.device)
-    weights = loss_mask_BS.reshape(-1).double()
-    index = label_modality_BS.reshape(-1).to(loss_BS.device)
-    sums[0].index_add_(0, index, loss_BS.detach().reshape(-1).double() * weights)
-    sums[1].index_add_(0, index, weights)
-    return sums
-
-
-def forward_loss(model, batch) -> torch.Tensor:
-    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                 modality_ids=batch["modality_ids"])
-
-
-def clip_gradients(model, max_norm: float, parallel: Parallel, parameters=None) -> float:
-    """Global gradient norm over every TP shard (replicated parameters counted once); scales the
-    gradients down to ``max_norm`` when above it. Returns the norm before clipping. ``parameters``:
-    a subset to clip (default: all of the model's)."""
-    grads = [(p.grad, is_tp_sharded(p)) for p in (model.parameters() if parameters is None else parameters)
-             if p.grad is not None]
-    norm = global_norm(grads, parallel)
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm and grads:
-        torch._foreach_mul_([g for g, _ in grads], max_norm / (norm + 1e-6))
-    return norm
-
-
-def is_tp_sharded(param) -> bool:
-    return getattr(param, "tensor_model_parallel", False)
-
-
-def global_norm(tensors, parallel: Parallel) -> float:
-    """The L2 norm of ``(tensor, tp_sharded)`` pairs over all tensor-parallel ranks: shards summed over
-    the TP group, replicated tensors counted once. Each tensor's norm in float32 (``_foreach_norm``,
-    no copies), their squares summed in float64."""
-    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
-    for i, group in enumerate(([t for t, sharded in tensors if sharded],
-                               [t for t, sharded in tensors if not sharded])):
-        if group:
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-            squares[i] = torch.stack(norms).double().pow(2).sum()
-    torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
-    return float(squares.sum().sqrt())
-
-
-def allreduce_gradients(model, parallel: Parallel):
-    """Sums gradients over data-parallel ranks (one flat buffer)."""
-    if parallel.dp == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat, group=parallel.dp_group)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
-
-
-def train_step(model, optimizer, scheduler, micro_batches, layout, args, parallel: Parallel):
-    """Forward/backward over this rank's micro-batches, gradient sync, clip, optimizer step.
-    Returns ([2, M] loss sums of the global batch, grad norm, finite?). The step is skipped when the
-    loss or gradient norm is not finite."""
-    num_modalities = len(layout.modalities)
-    label_mods = [label_modalities(b, layout) for b in micro_batches]
-    tokens = torch.tensor([float(sum(b["loss_mask"].sum() for b in micro_batches))], device=parallel.device)
-    torch.distributed.all_reduce(tokens, group=parallel.dp_group)
-    denominator = tokens.item()
-
-    # On CUDA freed gradients go back to the caching allocator; on CPU they go back to the operating
-    # system, and the next step's fresh buffers page-fault: there they are kept and zeroed in place.
-    optimizer.zero_grad(set_to_none=parallel.device.type != "cpu")
-    sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
-    for batch, label_mod in zip(micro_batches, label_mods):
-        batch = to_device(batch, parallel.device)
-        loss_BS = forward_loss(model, batch)
-        loss = (loss_BS * batch["loss_mask"]).sum().div(denominator)
-        aux_loss = pop_aux_loss(model)  # --aux-router-joint: BCE of the aux routers (own gradients)
-        if aux_loss is not None:
-            loss = loss + aux_loss / (len(micro_batches) * parallel.dp)
-        loss.backward()
-        sums += modality_loss_sums(loss_BS, batch["loss_mask"], label_mod, num_modalities)
-    torch.distributed.all_reduce(sums, group=parallel.dp_group)
-    allreduce_gradients(model, parallel)
-    if not math.isfinite(mean_loss(sums)):
-        return sums, float("nan"), False
-    # The aux routers' gradients come from their own loss; they are clipped apart so that they never
-    # scale the model's gradients.
-    aux = {id(p) for p in aux_router_parameters(model)}
-    grad_norm = clip_gradients(model, args.clip_grad, parallel,
-                               [p for p in model.parameters() if id(p) not in aux])
-    if not math.isfinite(grad_norm):
-        return sums, grad_norm, False
-    if getattr(args, "aux_router_joint", False):
-        clip_gradients(model, args.clip_grad, parallel, aux_router_parameters(model))
-    optimizer.step()
-    scheduler.step(increment=1)
-    return sums, grad_norm, True
-
-
-METRIC_BUFFERS = ("tokens_per_expert_ME", "selection_histogram_M3", "mod_tokens_M2", "confusion_M4")
-
-
-def metric_buffers(model) -> Dict[str, torch.Tensor]:
-    return {name: buffer for name, buffer in model.named_buffers()
-            if name.rsplit(".", 1)[-1] in METRIC_BUFFERS}
-
-
-def held_out_batches(dataset, args, parallel: Parallel) -> Iterator[Dict[str, torch.Tensor]]:
-    """This rank's collated micro-batches of ``--eval-iters`` evaluation steps (default: the whole
-    held-out split, each step split over the data-parallel ranks), built one at a time. Checks the
-    split is large enough when called, not when first iterated."""
-    per_step = args.micro_batch_size * parallel.dp
-    steps = len(dataset) // per_step
-    if args.eval_iters is not None:
-        steps = min(steps, args.eval_iters)
-    if steps == 0:
-        raise UsageError(f"the held-out split has {len(dataset)} samples, fewer than one evaluation "
-                         f"step of {per_step} (--micro-batch-size {args.micro_batch_size} x "
-                         f"{parallel.dp} data-parallel ranks); raise --valid-fraction or lower "
-                         "--micro-batch-size")
-    starts = (step * per_step + parallel.dp_rank * args.micro_batch_size for step in range(steps))
-    return (collate([dataset[i] for i in range(start, start + args.micro_batch_size)])
-            for start in starts)
-
-
-@torch.no_grad()
-def evaluate(model, dataset, args, layout, parallel: Parallel, routing_mode: str = "train",
-             stop: Optional[StopRequest] = None) -> Optional[Dict[str, float]]:
-    """Held-out loss and perplexity per modality (and overall) over ``--eval-iters`` micro-batches
-    per rank (default: the whole held-out split, split over data-parallel ranks), with the given
-    routing mode (``causal``: aux routers decide). Draws no random numbers and leaves the routing
-    statistics of training untouched. With ``stop``: None as soon as a stop was requested (checked
-    on every rank before each micro-batch)."""
-    num_modalities = len(layout.modalities)
-    batches = held_out_batches(dataset, args, parallel)
-    saved_metrics = {name: buffer.clone() for name, buffer in metric_buffers(model).items()}
-    aux_training = any(owner.aux_training for owner in aux_owners(model))
-    set_aux_router_training(model, False)
-    model.eval()
-    set_routing_mode(model, routing_mode)
-    sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
-    stopped = False
-    for batch in batches:
-        if stop is not None and any_rank(stop.received, parallel):
-            stopped = True
-            break
-        label_mod = label_modalities(batch, layout)
-        batch = to_device(batch, parallel.device)
-        sums += modality_loss_sums(forward_loss(model, batch), batch["loss_mask"], label_mod,
-                                   num_modalities)
-    model.train()
-    set_routing_mode(model, "train")
-    set_aux_router_training(model, aux_training)
-    for name, buffer in metric_buffers(model).items():
-        buffer.copy_(saved_metrics[name])
-    if stopped:
-        return None
-    torch.distributed.all_reduce(sums, group=parallel.dp_group)
-    return losses_from_sums(sums, layout.modalities, with_ppl=True)
-
-
-
 # -- the job ----------------------------------------------------------------------------------------
 def default_run_dir(args) -> Path:
     return Path("runs") / f"{args.moma_experts}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -273,44 +91,9 @@ def run_directories(args):
     return run_dir, save_dir
 
 
-def lock_directories(stack: ExitStack, directories, parallel: Parallel, tool: str = TOOL,
-                     checkpoints=None):
-    """Rank 0 locks every directory for the life of ``stack`` and tidies ``checkpoints`` (what a killed
-    writer left there: ``checkpointing.tidy``); every rank raises if a lock is held or cannot be taken."""
-    error, notes = None, []
-    if parallel.is_first:
-        try:
-            for directory in dict.fromkeys(Path(d).resolve() for d in directories):
-                lock = stack.enter_context(DirectoryLock(directory, tool))
-                if lock.note:
-                    notes.append(lock.note)
-            if checkpoints is not None:
-                notes += checkpointing.tidy(checkpoints)
-        except UsageError as e:
-            error = e.message
-        except OSError as e:  # a full disk, a file where a directory should be, no permission, ...
-            where = Path(e.filename or directory)
-            error = (f"cannot lock {where}: {disk_full_message(where)}" if is_disk_full(e) else
-                     f"{where} is a file, not a directory; give --save / --run-dir a directory"
-                     if where.exists() and not where.is_dir() else
-                     f"cannot lock {where} ({e.strerror or e}); give a --save / --run-dir this job "
-                     "can write to")
-    error = checkpointing.from_rank0(error)
-    if error is not None:
-        raise UsageError(error)
-    for note in notes:
-        print(f"note: {note}", flush=True)
-
-
 def has_checkpoints(directory) -> bool:
     return directory is not None and ((Path(directory) / checkpointing.TRACKER).exists()
                                       or bool(checkpointing.saved_iterations(directory)))
-
-
-def parameter_norm(model, parallel: Parallel) -> float:
-    """The global L2 norm of the weights (TP shards summed, replicated weights counted once); NaN or
-    inf when a weight is not finite. A checkpoint records it: a diverged one shows in it."""
-    return global_norm([(p.detach(), is_tp_sharded(p)) for p in model.parameters()], parallel)
 
 
 class PretrainJob:
@@ -344,8 +127,6 @@ class PretrainJob:
         self.model, config = build_model(args, layout, parallel)
         if args.aux_router_joint:
             set_aux_router_training(self.model, True)
-        self.optimizer = build_optimizer(self.model, args)
-        self.scheduler = build_scheduler(self.optimizer, args)
         self.sampler, self.shares_target, counts = build_sampler(self.train_set, args, parallel, layout,
                                                                  announce=self.say)
         data_shares = (counts.sum(0) / counts.sum()).tolist()
@@ -353,6 +134,7 @@ class PretrainJob:
                                                         data_shares, aux_routers=args.aux_router_joint)
         self.tokens_per_iteration = args.global_batch_size * args.seq_length
         self.num_parameters = count_parameters(self.model, parallel)
+        self.rank_parameters = sum(p.numel() for p in self.model.parameters())  # this TP rank's
 
     def resume(self) -> bool:
         """Restores the newest checkpoint of --load (or of --save, when it holds one). False when the
@@ -363,6 +145,7 @@ class PretrainJob:
             if args.ckpt_step is not None:
                 raise UsageError(f"--ckpt-step {args.ckpt_step} needs a checkpoint to resume: pass "
                                  "--load DIR, or a --save that holds one")
+            self.start_engine()
             return True
         found = checkpointing.find_checkpoint(load_dir, parallel.tp_rank, args.ckpt_step, parallel.tp)
         for note in found.notes:
@@ -388,12 +171,13 @@ class PretrainJob:
                      f"{resume.OVERRIDE}); to start afresh, give a new --save")
             self.iteration = iteration
             return False
-        checkpointing.load_model_state(self.model, state["model"])
-        resume.load_optimizer_state(self.optimizer, self.model, state)
+        checkpointing.load_model_state(self.model, state["model"])  # before the engine shards it
+        self.start_engine()
+        self.engine.load_optimizer(state, found.directory)
         for note in resume.reconcile_schedule(state, args):
             self.say(f"note: {note}")
-        resume.apply_optimizer_values(self.optimizer, args)
-        self.scheduler = build_scheduler(self.optimizer, args)
+        resume.apply_optimizer_values(self.engine.optimizer, args)
+        self.scheduler = build_scheduler(self.engine.optimizer, args)
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
         sampler_state, failed = resume.nan_stop_sampler(self.save_dir, load_dir, iteration,
                                                         args_for_checkpoint(args))
@@ -421,6 +205,11 @@ class PretrainJob:
         self.say(f"resumed from {found.directory} at iteration {iteration} "
                  f"({self.consumed_tokens:,} tokens seen)")
         return True
+
+    def start_engine(self):
+        """The data-parallel engine around the model (its final weights), its optimizer, the schedule."""
+        self.engine = build_engine(self.model, self.args, self.parallel, self.num_micro, build_optimizer)
+        self.scheduler = build_scheduler(self.engine.optimizer, self.args)
 
     def set_aside_newer(self, iteration: int):
         """Checkpoints newer than the one resumed belong to another branch of the run: moved aside
@@ -453,11 +242,13 @@ class PretrainJob:
         self.writer.write_file("run.json", json.dumps(record, indent=1))
         self.say(f"{TOOL} {args.moma_experts}: {self.num_parameters / 1e6:.2f}M parameters, "
                  f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
-                 f"(TP {parallel.tp} x DP {parallel.dp}) on {parallel.device.type}; {len(self.train_set)} "
+                 f"(TP {parallel.tp} x DP {parallel.dp}) on {parallel.device.type}, engine "
+                 f"{self.engine.describe()}; {len(self.train_set)} "
                  f"training / {len(self.valid_set)} held-out samples of {args.seq_length} tokens; global "
                  f"batch {args.global_batch_size} ({self.num_micro} micro-batch(es) of "
                  f"{args.micro_batch_size} per rank); {self.flops_per_token / 1e6:.2f} MFLOP per token; "
                  f"run dir {self.run_dir}")
+        self.say(estimate_line(self.rank_parameters, args, parallel.dp))
 
     # -- saving -------------------------------------------------------------------------------------
     def save(self, at: int) -> Optional[Path]:
@@ -474,20 +265,22 @@ class PretrainJob:
             "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
             "iteration": at,
             "args": args_for_checkpoint(args),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "engine": self.engine.name,
+            "model": self.engine.model_state_dict(),
+            "optimizer": self.engine.optimizer_state_dict(),
             "opt_param_scheduler": self.scheduler.state_dict(),
             "rng_state": checkpointing.rng_state(),
             "num_floating_point_operations_so_far": self.flops_so_far,
             "moma": {"sampler": self.sampler.state_dict(), "consumed_tokens": self.consumed_tokens,
                      "train_seconds": self.train_seconds, "data_fingerprint": self.data_fingerprint},
         }
-        norm = parameter_norm(self.model, self.parallel)
+        norm = self.engine.parameter_norm()
         summary = {"train_loss": self.last_loss, "tokens": self.consumed_tokens,
                    "parameter_norm": norm, "parameters_finite": math.isfinite(norm)}
         path = checkpointing.save_checkpoint(str(self.save_dir), at, state, self.parallel.tp_rank,
                                              writes=self.parallel.dp_rank == 0, summary=summary,
-                                             keep_last=args.keep_last)
+                                             keep_last=args.keep_last,
+                                             engine_files=self.engine.save_engine_files)
         if self.parallel.is_first:
             resume.clear_nan_stop(self.save_dir)  # its data position is in this checkpoint now
         self.writer.flush()
@@ -509,12 +302,12 @@ class PretrainJob:
                 sampler_before = self.sampler.state_dict()
                 micro_batches = [collate([self.train_set[i] for i in self.sampler.next_step()[parallel.dp_rank]])
                                  for _ in range(self.num_micro)]
-                sums, grad_norm, finite = train_step(self.model, self.optimizer, self.scheduler,
-                                                     micro_batches, layout, args, parallel)
+                sums, grad_norm, finite = train_step(self.engine, micro_batches, layout, args, parallel)
                 if not finite:
                     self.stop_on_nonfinite(sums, grad_norm, sampler_before)
                     result.status = "nan"
                     break
+                self.scheduler.step(increment=1)
                 elapsed = time.perf_counter() - start
                 self.iteration += 1
                 self.consumed_tokens += self.tokens_per_iteration
@@ -569,7 +362,7 @@ class PretrainJob:
         values.update(routing)
         if args.aux_router_joint:
             values.update(collect_aux_metrics(self.model))
-        values.update(lr=self.optimizer.param_groups[0]["lr"], tokens=self.consumed_tokens,
+        values.update(lr=self.engine.optimizer.param_groups[0]["lr"], tokens=self.consumed_tokens,
                       flops=self.flops_so_far, sampler_violations=self.sampler.violations)
         self.writer.write("train", self.iteration, values)
         if self.parallel.is_first:
@@ -578,7 +371,7 @@ class PretrainJob:
 
     def evaluate_and_log(self, iteration: int, write) -> Optional[Dict[str, float]]:
         values = evaluate(self.model, self.valid_set, self.args, self.layout, self.parallel,
-                          stop=self.stop)
+                          stop=self.stop, autocast=self.engine.autocast)
         if values is None:  # a stop was requested during it
             return None
         self.writer.write("eval", iteration, dict(values, tokens=self.consumed_tokens,
@@ -601,8 +394,10 @@ class PretrainJob:
         candidates = resume.rollback_candidates(self.save_dir, failed) if self.save_dir else []
         lines = [f"{TOOL}: stopping: non-finite {what} at iteration {failed} (loss {losses['loss']}, "
                  + ", ".join(f"{m} {losses[f'loss_{m}']}" for m in self.layout.modalities)
-                 + f", grad norm {grad_norm}). The step was not applied, and the weights since the last "
-                 "checkpoint were not saved: they may be diverging already."]
+                 + f", grad norm {grad_norm}). "
+                 + ("DeepSpeed applied the step (it clips and steps in one call), and "
+                    if self.engine.clips_itself else "The step was not applied, and ")
+                 + "the weights since the last checkpoint were not saved: they may be diverging already."]
         if candidates:
             resume.record_nan_stop(self.save_dir, failed, sampler_state, candidates[0][0],
                                    args_for_checkpoint(self.args))
@@ -639,14 +434,15 @@ class PretrainJob:
 
         if stopped():
             return
-        values = evaluate(self.model, self.valid_set, args, layout, parallel, stop=self.stop)
+        values = evaluate(self.model, self.valid_set, args, layout, parallel, stop=self.stop,
+                          autocast=self.engine.autocast)
         if values is None:
             stopped()
             return
         result.eval = values
         if has_trained_aux_routers(self.model):
             causal = evaluate(self.model, self.valid_set, args, layout, parallel, routing_mode="causal",
-                              stop=self.stop)
+                              stop=self.stop, autocast=self.engine.autocast)
             if causal is None:
                 stopped()
                 return
@@ -681,7 +477,7 @@ def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace
         num_micro = batch_sizes(args, parallel.dp)
         seed_everything(args.seed)
         run_dir, save_dir = run_directories(args)
-        lock_directories(stack, [run_dir] + ([save_dir] if save_dir else []), parallel,
+        lock_directories(stack, [run_dir] + ([save_dir] if save_dir else []), parallel, TOOL,
                          checkpoints=save_dir)
         job = PretrainJob(args, parallel, run_dir, save_dir, num_micro, stop)
         job.prepare()

@@ -81,9 +81,10 @@ def reconcile_schedule(state: Dict[str, Any], args) -> List[str]:
                      f"Pass {OVERRIDE} to use the flags, or {USE_CHECKPOINT} to keep the checkpoint's")
 
 
-def load_optimizer_state(optimizer, model, state: Dict[str, Any]):
+def load_optimizer_state(optimizer, model, state: Dict[str, Any], load=None):
     """Loads ``state["optimizer"]`` into ``optimizer`` (built by ``initialize.build_optimizer``) by
-    parameter name, keeping this optimizer's implementation (fused or foreach), not the saved one's."""
+    parameter name, keeping this optimizer's implementation (fused or foreach), not the saved one's.
+    ``load``: what takes the renumbered state (an engine's; default ``optimizer.load_state_dict``)."""
     saved = state["optimizer"]
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise UsageError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter "
@@ -103,7 +104,7 @@ def load_optimizer_state(optimizer, model, state: Dict[str, Any]):
                 numbered[index] = by_name[name]
         groups.append(dict(old, param_names=list(current["param_names"]), params=indices))
     implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict({"state": numbered, "param_groups": groups})
+    (load or optimizer.load_state_dict)({"state": numbered, "param_groups": groups})
     for group, kept in zip(optimizer.param_groups, implementation):
         group.update(kept)
 

@@ -17,11 +17,12 @@ import os
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
 from ..cli import UsageError
-from ..storage import pid_alive
+from ..storage import disk_full_message, is_disk_full, pid_alive
 
 LOCK_FILE = "moma.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
@@ -134,3 +135,33 @@ class DirectoryLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def lock_directories(stack: ExitStack, directories, parallel, tool: str, checkpoints=None):
+    """Rank 0 locks every directory for the life of ``stack`` and tidies ``checkpoints`` (what a killed
+    writer left there: ``checkpointing.tidy``); every rank raises if a lock is held or cannot be taken."""
+    from .checkpointing import from_rank0, tidy
+
+    error, notes = None, []
+    if parallel.is_first:
+        try:
+            for directory in dict.fromkeys(Path(d).resolve() for d in directories):
+                lock = stack.enter_context(DirectoryLock(directory, tool))
+                if lock.note:
+                    notes.append(lock.note)
+            if checkpoints is not None:
+                notes += tidy(checkpoints)
+        except UsageError as e:
+            error = e.message
+        except OSError as e:  # a full disk, a file where a directory should be, no permission, ...
+            where = Path(e.filename or directory)
+            error = (f"cannot lock {where}: {disk_full_message(where)}" if is_disk_full(e) else
+                     f"{where} is a file, not a directory; give --save / --run-dir a directory"
+                     if where.exists() and not where.is_dir() else
+                     f"cannot lock {where} ({e.strerror or e}); give a --save / --run-dir this job "
+                     "can write to")
+    error = from_rank0(error)
+    if error is not None:
+        raise UsageError(error)
+    for note in notes:
+        print(f"note: {note}", flush=True)

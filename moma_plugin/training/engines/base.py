@@ -1,0 +1,143 @@
+"""What every engine does, and the one interface the training loop sees.
+
+An engine owns the model as it runs (``module``: wrapped by DDP, sharded by FSDP2, partitioned by
+DeepSpeed), the optimizer, and everything between a micro-batch's loss and the optimizer step: the
+gradient reduction over data-parallel ranks, accumulation over micro-batches, clipping, the step
+itself, and the full (unsharded) state a checkpoint keeps. The loop calls, per step::
+
+    engine.zero_grad()
+    for each micro-batch:  with engine.accumulating(last):  engine.backward(engine.module(...) loss)
+    norm = engine.clip(max_norm, parameters)   # before the step; inf/nan: the step is skipped
+    engine.step()
+
+Every engine averages gradients over the data-parallel ranks (as DDP, FSDP2 and DeepSpeed do by
+default); the loop's loss is the sum over the global batch's tokens divided by their number, so it
+scales its loss by the data-parallel size (``loss_scale``).
+"""
+
+import math
+from contextlib import contextmanager, nullcontext
+from typing import Dict, Iterable, List
+
+import torch
+
+from ...cli import UsageError
+
+
+def is_tp_sharded(param) -> bool:
+    return getattr(param, "tensor_model_parallel", False)
+
+
+def local(tensor):
+    """The local shard of a DTensor (FSDP2), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full(tensor):
+    """The whole tensor of a DTensor (a collective over its mesh), else the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def total_norm(tensors_sharded: Iterable, parallel) -> float:
+    """The L2 norm of ``(tensor, tp_sharded)`` pairs over the whole model: torch's
+    ``get_total_norm`` per kind (over a DTensor's whole mesh for FSDP2 shards), tensor-parallel
+    shards' squares summed over the TP group, replicated tensors counted once; float64 sums."""
+    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
+    pairs = list(tensors_sharded)
+    for i, sharded in enumerate((True, False)):
+        group = [t for t, s in pairs if s == sharded]
+        if group:
+            squares[i] = full(torch.nn.utils.get_total_norm(group, 2.0)).double().pow(2)
+    if parallel.tp > 1:
+        torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
+    return float(squares.sum().sqrt())
+
+
+class Engine:
+    """The interface (see the module docstring); the defaults are those of a torch optimizer over
+    plain or DTensor parameters."""
+
+    name = "?"
+
+    def __init__(self, model: torch.nn.Module, args, parallel):
+        self.model, self.args, self.parallel = model, args, parallel
+        self.module = model  # what the forward runs through
+        self.optimizer = None  # set by the engine
+        self.loss_scale = float(parallel.dp)  # engines average gradients over DP ranks
+
+    # -- a step -------------------------------------------------------------------------------------
+    def autocast(self):
+        """The context of a forward: bf16 autocast where the engine's mixed precision is torch's."""
+        return nullcontext()
+
+    @contextmanager
+    def accumulating(self, last: bool):
+        """Around one micro-batch's forward and backward; ``last``: the gradients are reduced."""
+        yield
+
+    def backward(self, loss: torch.Tensor):
+        loss.backward()
+
+    def zero_grad(self):
+        # On CUDA freed gradients go back to the caching allocator; on CPU they go back to the
+        # operating system and the next step's fresh buffers page-fault: there they are kept and
+        # zeroed in place.
+        self.optimizer.zero_grad(set_to_none=self.parallel.device.type != "cpu")
+
+    def clip(self, max_norm: float, parameters: List[torch.nn.Parameter]) -> float:
+        """The global gradient norm of ``parameters`` before clipping; scales their gradients down to
+        ``max_norm`` when above it (0: no clipping)."""
+        grads = [(p.grad, is_tp_sharded(p)) for p in parameters if p.grad is not None]
+        norm = total_norm(grads, self.parallel)
+        if max_norm > 0 and math.isfinite(norm) and norm > max_norm and grads:
+            torch._foreach_mul_([g for g, _ in grads], max_norm / (norm + 1e-6))
+        return norm
+
+    def step(self):
+        self.optimizer.step()
+
+    @property
+    def clips_itself(self) -> bool:
+        """True when the engine clips inside ``step`` (DeepSpeed's ``gradient_clipping``)."""
+        return False
+
+    def grad_norm_after_step(self) -> float:
+        raise NotImplementedError
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The model's full state (every rank calls it; it may be a collective)."""
+        return {k: full(v) for k, v in self.model.state_dict().items()}
+
+    def optimizer_state_dict(self) -> Dict:
+        """The optimizer's full state, parameter groups carrying the parameters' names."""
+        state = self.optimizer.state_dict()
+        state["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in entry.items()}
+                          for i, entry in state["state"].items()}
+        return state
+
+    def load_optimizer_state_dict(self, state: Dict):
+        """Loads a full optimizer state (numbered as ``self.optimizer``'s parameters)."""
+        self.optimizer.load_state_dict(state)
+
+    def parameter_norm(self) -> float:
+        """The global L2 norm of the weights (TP shards summed, replicated weights counted once); NaN
+        or inf when a weight is not finite (a checkpoint records it: a diverged one shows in it)."""
+        return total_norm([(p.detach(), is_tp_sharded(p)) for p in self.model.parameters()], self.parallel)
+
+    def load_optimizer(self, state: Dict, directory):
+        """Restores the optimizer from a checkpoint's ``state`` (read from ``directory``)."""
+        from ..resume import load_optimizer_state
+
+        if state["optimizer"].get("state") is None:
+            raise UsageError(f"{directory} was written by the {state.get('engine', '?')} engine, which keeps "
+                             "its optimizer state in its own format; resume it with that engine's flags "
+                             "(docs/TRAINING.md, \"Engines\")")
+        load_optimizer_state(self.optimizer, self.model, state, load=self.load_optimizer_state_dict)
+
+    # Written beside the checkpoint's rank files by every rank (None: nothing): a callable taking the
+    # staging directory, returning the sub-directory it wrote.
+    save_engine_files = None
+
+    def describe(self) -> str:
+        return self.name

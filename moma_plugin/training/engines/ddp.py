@@ -1,0 +1,42 @@
+"""``ddp`` (the default): torch's ``DistributedDataParallel`` over the data-parallel group (gloo on
+CPU, NCCL on GPU). Gradients are averaged in buckets during the backward of the last micro-batch
+(``no_sync`` before it); ``--ddp-bucket-size`` sets the bucket size. Under ``--bf16`` the weights,
+gradients and optimizer state stay fp32 and the forward runs under bf16 autocast."""
+
+from contextlib import nullcontext
+
+import torch
+
+from .base import Engine
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def __init__(self, model, args, parallel, build_optimizer):
+        super().__init__(model, args, parallel)
+        bucket_mb = args.ddp_bucket_size * 4 / 2 ** 20 if args.ddp_bucket_size else 25  # elements, as Megatron
+        if parallel.dp > 1:  # one data-parallel rank: nothing to average, the model runs bare
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                model, process_group=parallel.dp_group, bucket_cap_mb=bucket_mb,
+                device_ids=[parallel.device.index] if parallel.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=False)
+        self.optimizer = build_optimizer(model, args)
+        self.dtype = torch.bfloat16 if args.bf16 else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.parallel.device.type, dtype=self.dtype)
+
+    def backward(self, loss):
+        # Megatron's linears re-enter autocast in their backward on CUDA only (custom_bwd for
+        # "cuda"); on CPU the backward runs under the forward's autocast here, as it would there.
+        with self.autocast() if self.parallel.device.type == "cpu" else nullcontext():
+            loss.backward()
+
+    def accumulating(self, last: bool):
+        return nullcontext() if last or self.module is self.model else self.module.no_sync()
+
+    def describe(self) -> str:
+        return "ddp (torch DistributedDataParallel" + (", bf16 autocast" if self.dtype else "") + ")"
