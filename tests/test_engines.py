@@ -3,6 +3,7 @@ rank's micro-batches hold no image (or no text) tokens, 2-process runs equal to 
 same global batches, exact resume, bf16, and the bad flag combinations."""
 
 import faulthandler
+import json
 import os
 import sys
 from pathlib import Path
@@ -249,7 +250,7 @@ def test_a_deepspeed_json_that_disagrees_with_the_flags_is_refused(megatron_sing
             ({"gradient_clipping": 0.5}, "sets gradient_clipping 0.5 but --clip-grad is 1.0"),
     ):
         path = tmp_path / "ds.json"
-        path.write_text(__import__("json").dumps(config))
+        path.write_text(json.dumps(config))
         with pytest.raises(SystemExit) as error:
             loop.pretrain([*COMMON, "--clip-grad", "1.0", "--train-iters", "1", "--no-save", "--run-dir",
                            str(tmp_path / "run"), "--deepspeed", "--deepspeed-config", str(path)])

@@ -248,7 +248,7 @@ class PretrainJob:
                  f"batch {args.global_batch_size} ({self.num_micro} micro-batch(es) of "
                  f"{args.micro_batch_size} per rank); {self.flops_per_token / 1e6:.2f} MFLOP per token; "
                  f"run dir {self.run_dir}")
-        self.say(estimate_line(self.rank_parameters, args, parallel.dp))
+        self.say(estimate_line(self.rank_parameters, self.engine, parallel.dp, args.bf16))
 
     # -- saving -------------------------------------------------------------------------------------
     def save(self, at: int) -> Optional[Path]:

@@ -28,11 +28,6 @@ def is_tp_sharded(param) -> bool:
     return getattr(param, "tensor_model_parallel", False)
 
 
-def local(tensor):
-    """The local shard of a DTensor (FSDP2), else the tensor."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def full(tensor):
     """The whole tensor of a DTensor (a collective over its mesh), else the tensor."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -58,6 +53,7 @@ class Engine:
     plain or DTensor parameters."""
 
     name = "?"
+    accounting = "ddp"  # its row in ``memory.bytes_per_parameter``
 
     def __init__(self, model: torch.nn.Module, args, parallel):
         self.model, self.args, self.parallel = model, args, parallel
@@ -99,6 +95,10 @@ class Engine:
     @property
     def clips_itself(self) -> bool:
         """True when the engine clips inside ``step`` (DeepSpeed's ``gradient_clipping``)."""
+        return False
+
+    def skipped_for_loss_scale(self) -> bool:
+        """With ``clips_itself``: True when dynamic loss scaling skipped the step (an overflow)."""
         return False
 
     def grad_norm_after_step(self) -> float:

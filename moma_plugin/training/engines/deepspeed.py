@@ -102,6 +102,7 @@ class DeepSpeedEngine(Engine):
         deepspeed = import_deepspeed()
         config = fill_config(read_config(args.deepspeed_config), args, num_micro, parallel.dp)
         self.stage, self.config = zero_stage(config), config
+        self.accounting = f"zero{self.stage}" if self.stage else "ddp"
         if parallel.world == 1:  # a lone process (no launcher): DeepSpeed still asks for LOCAL_RANK
             os.environ.setdefault("LOCAL_RANK", "0")
         optimizer = None if "optimizer" in config else build_optimizer(model, args)

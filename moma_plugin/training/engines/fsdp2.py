@@ -54,7 +54,7 @@ def shard_model(model, parallel, bf16: bool, reshard_after_forward: bool, aux_un
 
 
 class FSDP2Engine(Engine):
-    name = "fsdp2"
+    name = accounting = "fsdp2"
 
     def __init__(self, model, args, parallel, build_optimizer):
         super().__init__(model, args, parallel)

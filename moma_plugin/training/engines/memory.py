@@ -42,24 +42,11 @@ def state_bytes_per_rank(num_parameters: int, engine: str, world: int, bf16: boo
     return num_parameters * sum(bytes_per_parameter(engine, world, bf16).values())
 
 
-def engine_key(args) -> str:
-    """The table's row of a run: ``zero1``..``zero3`` from the DeepSpeed JSON's stage."""
-    from . import engine_name
-
-    name = engine_name(args)
-    if name == "deepspeed":
-        from .deepspeed import read_config, zero_stage
-
-        stage = zero_stage(read_config(args.deepspeed_config))
-        return f"zero{stage}" if stage else "ddp"
-    return "ddp" if name == "megatron-ddp" else name
-
-
-def estimate_line(num_parameters: int, args, world: int) -> str:
-    """The start-of-run line: this run's model-state memory per rank."""
-    key = engine_key(args)
-    parts = {k: num_parameters * v for k, v in bytes_per_parameter(key, world, args.bf16).items()}
-    return (f"model state per rank ({key}, {world} data-parallel rank(s){', bf16' if args.bf16 else ''}): "
+def estimate_line(num_parameters: int, engine, world: int, bf16: bool) -> str:
+    """The start-of-run line: the model-state memory per rank of a run on ``engine``."""
+    key = engine.accounting
+    parts = {k: num_parameters * v for k, v in bytes_per_parameter(key, world, bf16).items()}
+    return (f"model state per rank ({key}, {world} data-parallel rank(s){', bf16' if bf16 else ''}): "
             f"{_size(sum(parts.values()))} = weights {_size(parts['weights'])} + gradients "
             f"{_size(parts['gradients'])} + optimizer {_size(parts['optimizer'])} (activations not counted)")
 
