@@ -21,6 +21,7 @@ setup(
         "moma-train-aux-routers=moma_plugin.training.aux_routers:main",
         "moma-generate=moma_plugin.training.generate:main",
         "moma-torchrun=moma_plugin.launch:main",
+        "moma-convert-checkpoint=moma_plugin.training.convert:main",
     ]},
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from moma_plugin.data import preprocess
-from moma_plugin.training import aux_routers, generate, loop
+from moma_plugin.training import aux_routers, convert, generate, loop
 
 from .test_pretrain import REPO, TINY
 
@@ -198,6 +198,11 @@ def _setup(case: str, world: Path, tmp: Path):
         return generate.main, ["--load", str(tmp / "nothing")]
     if case == "moma-train-aux-routers without a checkpoint":
         return aux_routers.main, ["--load", str(tmp / "nothing"), "--save", str(tmp / "aux")]
+    if case == "moma-convert-checkpoint without a checkpoint":
+        return convert.main, ["--load", str(tmp / "nothing"), "--save", str(tmp / "out")]
+    if case == "moma-convert-checkpoint onto its --load":
+        load = str(ckpt())
+        return convert.main, ["--load", load, "--save", load]
     raise KeyError(case)
 
 
@@ -249,6 +254,10 @@ CASES = [
     ("moma-generate without a checkpoint", "nothing: no complete checkpoint there", "moma-generate"),
     ("moma-train-aux-routers without a checkpoint", "nothing: no complete checkpoint there",
      "moma-train-aux-routers"),
+    ("moma-convert-checkpoint without a checkpoint", "nothing: no complete checkpoint there",
+     "moma-convert-checkpoint"),
+    ("moma-convert-checkpoint onto its --load", "is --load: give another directory",
+     "moma-convert-checkpoint"),
 ]
 
 

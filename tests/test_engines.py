@@ -17,6 +17,7 @@ from moma_plugin.training.arguments import batch_sizes, parse_args
 from .conftest import free_port, run_ranks
 
 pytest.importorskip("deepspeed", reason="the DeepSpeed engine's tests need `pip install moma_plugin[deepspeed]`")
+from moma_plugin.training.engines.deepspeed import fp16_supported  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
@@ -92,7 +93,7 @@ def _no_hang_rank(rank, world, port, workdir, name, engine_flags, starved):
         sums, _, finite = train_step(engine, mine, layout, args, parallel)
         assert finite
         losses.append(mean_loss(sums))
-    state = {k: v.float() for k, v in engine.model_state_dict().items() if torch.is_tensor(v)}
+    state = {k: v.float() for k, v in engine.full_model_state_dict().items() if torch.is_tensor(v)}
     torch.save({"losses": losses, "state": state}, f"{workdir}/{name}-{starved}-{world}-{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -126,6 +127,7 @@ def test_a_rank_without_tokens_of_one_modality_never_hangs(tmp_path, starved):
 COMMON = [*TINY, "--micro-batch-size", "2", "--global-batch-size", "8", "--eval-iters", "2"]
 RECOMPUTE = ["--recompute-granularity", "full"]
 BF16_ENGINES = ("ddp", "fsdp2", "zero2")
+FP16 = fp16_supported()  # this CPU's
 
 
 def _runs(world: int, workdir: str):
@@ -139,7 +141,7 @@ def _runs(world: int, workdir: str):
         runs[f"{name}-recompute"] = [*COMMON, *evals, *RECOMPUTE, *flags, "--train-iters", "3", "--no-save"]
         if name in BF16_ENGINES:
             runs[f"{name}-bf16"] = [*COMMON, *evals, "--bf16", *flags, "--train-iters", "3", "--no-save"]
-        if name == "zero2":  # fp16 with DeepSpeed's dynamic loss scaling
+        if name == "zero2" and FP16:  # fp16 with DeepSpeed's dynamic loss scaling
             runs[f"{name}-fp16"] = [*COMMON, *evals, "--fp16", *flags, "--train-iters", "3", "--no-save"]
         if name == "fsdp2":  # a 2-D mesh on two processes: TP 2 x DP 1 (the reference: TP 1)
             tp = ["--tensor-model-parallel-size", "2", "--global-batch-size", "4"] if world == 2 else \
@@ -149,6 +151,12 @@ def _runs(world: int, workdir: str):
             resumed = [*COMMON, *MOD_JOINT, *flags, "--train-iters", "4", "--save", f"{workdir}/{name}-resume"]
             runs[f"{name}-stop"] = [*resumed, "--exit-interval", "2"]
             runs[f"{name}-resumed"] = resumed
+    if world == 1:  # an FSDP2 checkpoint of one process, resumed by two (DCP reshards it)
+        runs["fsdp2-half"] = [*COMMON, *evals, *MOD_JOINT, *ENGINES["fsdp2"], "--train-iters", "4",
+                              "--exit-interval", "2", "--save", f"{workdir}/1/fsdp2-half"]
+    else:
+        runs["fsdp2-1to2"] = [*COMMON, *MOD_JOINT, *ENGINES["fsdp2"], "--train-iters", "4",
+                              "--load", f"{workdir}/1/fsdp2-half", "--save", f"{workdir}/fsdp2-1to2"]
     # A ddp checkpoint resumed by FSDP2 and the other way round (one checkpoint layout).
     if world == 2:
         for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):
@@ -169,6 +177,35 @@ def _pretrain_rank(rank, world, port, workdir):
     torch.distributed.destroy_process_group()
 
 
+def _after_rank(rank, world, port, workdir):
+    """One process, on the two-process runs' checkpoints: the FSDP2 one of iteration 2 resumed by
+    FSDP2 (2 -> 1 ranks), read whole by ddp, converted and resumed by ddp; generation and aux-router
+    training from the FSDP2 and ZeRO-3 ones."""
+    _init_rank(rank, world, port)
+    from moma_plugin.training import aux_routers, convert, generate
+
+    sharded = f"{workdir}/fsdp2-resume"
+    resumed = [*COMMON, "--eval-iters", "4", *MOD_JOINT, "--train-iters", "4", "--ckpt-step", "2"]
+    convert.convert(sharded, f"{workdir}/converted", iteration=2)
+    runs = {"fsdp2-2to1": [*resumed, *ENGINES["fsdp2"], "--load", sharded, "--save", f"{workdir}/2to1"],
+            "dcp-ddp": [*resumed, "--load", sharded, "--save", f"{workdir}/dcp-ddp"],
+            "converted-ddp": [*resumed, "--load", f"{workdir}/converted", "--save", f"{workdir}/converted"]}
+    results = {}
+    for name, argv in runs.items():
+        result = loop.pretrain([*argv, "--run-dir", f"{workdir}/after/runs/{name}"])
+        results[name] = (result.train_losses, result.eval, result.status)
+    for engine in ("fsdp2", "zero3"):
+        load = f"{workdir}/2/{engine}-mod"
+        results[f"generate-{engine}"] = generate.run(
+            ["--load", load, "--max-new-tokens", "6", "--compare-kv-cache",
+             "--output-dir", f"{workdir}/after/gen-{engine}"])
+        results[f"aux-{engine}"] = aux_routers.train_aux_routers(
+            ["--load", load, "--save", f"{workdir}/after/aux-{engine}", "--train-iters", "2",
+             "--log-interval", "1", "--eval-iters", "2"])
+    torch.save(results, f"{workdir}/after.pt")
+    torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def pretrain_results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("engines")
@@ -176,12 +213,19 @@ def pretrain_results(tmp_path_factory):
               what="the one-process runs")
     run_ranks(_pretrain_rank, (2, free_port(), str(workdir)), nprocs=2, timeout_s=900,
               what="the two-process runs")
-    return {world: [torch.load(workdir / f"pretrain-{world}-{rank}.pt") for rank in range(world)]
-            for world in (1, 2)}
+    run_ranks(_after_rank, (1, free_port(), str(workdir)), nprocs=1, timeout_s=600,
+              what="the one-process runs on the two-process checkpoints")
+    results = {world: [torch.load(workdir / f"pretrain-{world}-{rank}.pt") for rank in range(world)]
+               for world in (1, 2)}
+    results["after"] = torch.load(workdir / "after.pt", weights_only=False)
+    results["workdir"] = workdir
+    return results
 
 
 CASES = [(engine, kind) for engine in ENGINES for kind in ("mod", "recompute")] + \
-    [(engine, "bf16") for engine in BF16_ENGINES] + [("zero2", "fp16"), ("fsdp2", "tp")]
+    [(engine, "bf16") for engine in BF16_ENGINES] + [("fsdp2", "tp"), pytest.param(
+        "zero2", "fp16", marks=pytest.mark.skipif(not FP16, reason="DeepSpeed takes fp16 on CPUs with "
+                                                                     "AVX-512 FP16 or AMX-FP16 only"))]
 
 
 @pytest.mark.parametrize("engine, kind", CASES)
@@ -223,6 +267,75 @@ def test_a_checkpoint_moves_between_ddp_and_fsdp2(pretrain_results, first, then)
         assert resumed[i] == pytest.approx(straight[i], rel=1e-5)
 
 
+def test_an_fsdp2_checkpoint_is_sharded_and_loads_on_any_number_of_ranks(pretrain_results):
+    """FSDP2 writes DCP shards, no whole tensor in the rank file; resumed on one process (2 -> 1)
+    and on two from a one-process checkpoint (1 -> 2), iterations 3 and 4 equal the straight
+    two-process run (1e-5, as one process equals two)."""
+    from moma_plugin.training import checkpointing
+
+    directory = pretrain_results["workdir"] / "fsdp2-resume" / "iter_0000002"
+    state = torch.load(checkpointing.rank_file(directory, 0), weights_only=False)
+    assert state["engine"] == "fsdp2" and state["model"] is None and state["optimizer"]["state"] is None
+    files = json.loads((directory / checkpointing.MANIFEST).read_text())["files"]
+    shards = sorted(name for name in files if name.startswith("dcp/mp_rank_00/"))
+    assert "dcp/mp_rank_00/.metadata" in shards and len(shards) == 3, shards  # metadata + 2 ranks
+    keys = checkpointing.dcp_keys(checkpointing.dcp_dir(directory, 0))
+    assert any(k.endswith("experts.fc1_weight") for k in keys)  # stacked, sharded on experts
+    assert any(k.startswith("optimizer/") and k.endswith("/exp_avg_sq") for k in keys)
+    straight = pretrain_results[2][0]["fsdp2-mod"][0]
+    for resumed in (pretrain_results["after"]["fsdp2-2to1"][0], pretrain_results[2][0]["fsdp2-1to2"][0]):
+        assert sorted(resumed) == [3, 4]
+        for i in (3, 4):
+            assert resumed[i] == pytest.approx(straight[i], rel=1e-5)
+
+
+def test_a_truncated_dcp_shard_makes_the_checkpoint_incomplete(pretrain_results, tmp_path):
+    """The manifest lists the DCP shards: one cut short, the newest intact checkpoint is taken."""
+    import shutil
+
+    from moma_plugin.training import checkpointing
+
+    save = tmp_path / "save"
+    shutil.copytree(pretrain_results["workdir"] / "fsdp2-resume", save)
+    shard = sorted((save / "iter_0000004" / "dcp" / "mp_rank_00").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    found = checkpointing.find_checkpoint(save, 0)
+    assert found.iteration == 2 and found.tracker_stale
+    assert any(f"{shard}" in note and "(truncated)" in note for note in found.notes), found.notes
+
+
+def test_moma_convert_checkpoint_writes_the_whole_tensors_of_an_fsdp2_checkpoint(pretrain_results):
+    """The converted checkpoint holds the DCP shards' tensors whole in one torch file; ddp resumes
+    it bit-equal to ddp resuming the sharded original (and within 1e-5 of the straight run)."""
+    from moma_plugin.training import checkpointing
+
+    workdir = pretrain_results["workdir"]
+    converted = torch.load(checkpointing.rank_file(workdir / "converted" / "iter_0000002", 0),
+                           weights_only=False)
+    whole = checkpointing.read_dcp(checkpointing.dcp_dir(workdir / "fsdp2-resume" / "iter_0000002", 0))
+    model, optimizer = checkpointing.split_dcp(whole)
+    assert converted["model"].keys() == model.keys()
+    for key, value in model.items():
+        assert torch.equal(converted["model"][key], value), key
+    assert len(converted["optimizer"]["state"]) == len(optimizer)
+    after = pretrain_results["after"]
+    assert after["converted-ddp"][0] == after["dcp-ddp"][0] and sorted(after["dcp-ddp"][0]) == [3, 4]
+    straight = pretrain_results[2][0]["ddp-mod"][0]
+    for i in (3, 4):
+        assert after["dcp-ddp"][0][i] == pytest.approx(straight[i], rel=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_generation_and_aux_router_training_read_sharded_checkpoints(pretrain_results, engine):
+    after = pretrain_results["after"]
+    generated = after[f"generate-{engine}"]
+    assert generated["iteration"] == 4 and generated["kv_cache_matches_recompute"] is True
+    assert [len(o["new_tokens"]) for o in generated["outputs"]] == [6, 6]
+    report = after[f"aux-{engine}"]
+    assert report["iteration"] == 4 and report["history"] and \
+        (Path(report["checkpoint_saved"]) / "aux_routers.json").exists()
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (["--use-torch-fsdp2", *ENGINES["zero2"]], "--deepspeed and --use-torch-fsdp2 are two data-parallel "
@@ -255,6 +368,17 @@ def test_a_deepspeed_json_that_disagrees_with_the_flags_is_refused(megatron_sing
             loop.pretrain([*COMMON, "--clip-grad", "1.0", "--train-iters", "1", "--no-save", "--run-dir",
                            str(tmp_path / "run"), "--deepspeed", "--deepspeed-config", str(path)])
         assert message in str(error.value)
+
+
+def test_fp16_where_deepspeed_cannot_take_it_says_to_use_bf16(megatron_single_process, tmp_path,
+                                                              monkeypatch):
+    """A CPU without fp16 instructions (DeepSpeed's own check, forced here on CPUs that have them)."""
+    from moma_plugin.training.engines import deepspeed as engine
+
+    monkeypatch.setattr(engine, "fp16_supported", lambda: False)
+    with pytest.raises(SystemExit, match="--fp16: DeepSpeed does not train fp16 on this cpu .*use --bf16"):
+        loop.pretrain([*COMMON, "--fp16", "--train-iters", "1", "--no-save", "--run-dir",
+                       str(tmp_path / "run"), *ENGINES["zero2"]])
 
 
 def test_a_missing_deepspeed_package_names_the_extra(monkeypatch):

@@ -4,6 +4,9 @@ or silently corrupted.
     <save>/latest_checkpointed_iteration.txt          the newest complete iteration, e.g. "100"
     <save>/iter_0000100/mp_rank_00/model_optim_rng.pt one file per tensor-parallel rank
     <save>/iter_0000100/manifest.json                 size and SHA-256 of every file, the run's flags
+    <save>/iter_0000100/dcp/mp_rank_00/               --use-torch-fsdp2: the weights and Adam moments
+                                                      as a sharded torch.distributed.checkpoint
+    <save>/iter_0000100/deepspeed/                    --deepspeed: DeepSpeed's own save_checkpoint
 
 This is Megatron-LM's ``--ckpt-format torch`` layout and key names (``model``, ``optimizer``,
 ``opt_param_scheduler``, ``rng_state``, ``iteration``, ``args``, ``checkpoint_version``,
@@ -20,6 +23,12 @@ Guarantees (each tested in tests/test_checkpoint_safety.py by breaking it):
 - Loading verifies each rank's file against the manifest; a damaged or incomplete newest checkpoint is
   reported by file and the newest intact one is taken instead, with a warning. A missing or garbled
   tracker is rebuilt from the newest complete, verified checkpoint (``find_checkpoint``).
+
+The FSDP2 engine keeps the model and optimizer tensors out of the rank file (``model`` is None there,
+``optimizer`` holds the parameter groups only): each rank writes its shards into ``dcp/`` (DCP), which
+reshards on loading, so a run resumes on another number of ranks. ``full_state`` reads them back into
+the torch layout for the engines and tools that want whole tensors (ddp, generation, stage 2,
+``moma-convert-checkpoint``).
 """
 
 import json
@@ -28,6 +37,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -65,6 +75,85 @@ def iteration_dir(save, iteration: int) -> Path:
 
 def rank_file(directory: Path, tp_rank: int) -> Path:
     return Path(directory) / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
+
+
+DCP_DIR = "dcp"
+# Keys of the tensors in a DCP checkpoint: "model/<parameter or buffer name>" and
+# "optimizer/<parameter name>/<state key>" (e.g. ".../exp_avg"); flat, so that DCP keeps them as they
+# are (names hold dots).
+MODEL_PREFIX, OPTIMIZER_PREFIX = "model/", "optimizer/"
+
+
+def dcp_dir(directory: Path, tp_rank: int) -> Path:
+    return Path(directory) / DCP_DIR / f"mp_rank_{tp_rank:02d}"
+
+
+def write_dcp(tensors: Dict[str, torch.Tensor], path: Path, group=None):
+    """Every rank of ``group`` writes its shards of ``tensors`` (DTensors: their local shards;
+    plain tensors: once) to the DCP directory ``path``; a collective over ``group``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(path), sync_files=True),
+             process_group=group)
+
+
+def dcp_keys(path: Path) -> Dict[str, Any]:
+    """{key: its tensor metadata (``size``, ``properties.dtype``)} of the DCP directory ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    return dict(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def read_dcp(path: Path, targets: Optional[Dict[str, torch.Tensor]] = None, group=None
+             ) -> Dict[str, torch.Tensor]:
+    """The tensors of the DCP directory ``path``: into ``targets`` (DTensors are filled shard by
+    shard, whatever the number of ranks that wrote them; a collective over ``group``), else whole
+    tensors read by this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    if targets is None:
+        targets = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+                   for key, meta in dcp_keys(path).items()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(targets, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    else:
+        dcp.load(targets, storage_reader=dcp.FileSystemReader(str(path)), process_group=group)
+    return targets
+
+
+def split_dcp(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict]]:
+    """(model state, {parameter name: its optimizer state}) of ``tensors`` keyed as DCP keeps them."""
+    model, optimizer = {}, {}
+    for key, value in tensors.items():
+        if key.startswith(MODEL_PREFIX):
+            model[key[len(MODEL_PREFIX):]] = value
+        elif key.startswith(OPTIMIZER_PREFIX):
+            name, entry = key[len(OPTIMIZER_PREFIX):].rsplit("/", 1)
+            optimizer.setdefault(name, {})[entry] = value
+    return model, optimizer
+
+
+def is_sharded(state: Dict[str, Any]) -> bool:
+    """True when the checkpoint's tensors are in its DCP directory (FSDP2), not in ``state``."""
+    return state.get("model") is None
+
+
+def full_state(state: Dict[str, Any], directory: Path, tp_rank: int) -> Dict[str, Any]:
+    """``state`` with whole tensors: those of the DCP directory put back into ``model`` and the
+    optimizer's ``state`` (numbered as its parameter groups' names), read by this process alone;
+    ``state`` itself when it has them already."""
+    if not is_sharded(state):
+        return state
+    path = dcp_dir(directory, tp_rank)
+    try:
+        model, by_name = split_dcp(read_dcp(path))
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    groups = state["optimizer"]["param_groups"]
+    numbered = {i: by_name[name] for g in groups for name, i in zip(g["param_names"], g["params"])
+                if name in by_name}
+    return dict(state, model=model, optimizer=dict(state["optimizer"], state=numbered))
 
 
 def read_tracker(load) -> Optional[int]:
@@ -334,6 +423,31 @@ def save_checkpoint(save, iteration: int, state: Dict[str, Any], tp_rank: int, w
         raise CheckpointError(f"{error}. Iteration {iteration} was not saved; {kept}. Free space (moma-"
                               "pretrain's --keep-last N keeps fewer checkpoints) and run the same command "
                               "again.")
+    return final
+
+
+def save_offline(save, iteration: int, states: Dict[int, Dict[str, Any]],
+                 summary: Optional[Dict[str, Any]] = None,
+                 extra_files: Optional[Dict[str, str]] = None) -> Path:
+    """One process writing the states of every TP rank ({tp rank: state}; ``moma-convert-checkpoint``)
+    as one checkpoint, published and tracked as ``save_checkpoint`` does."""
+    final = iteration_dir(save, iteration)
+    staging = final.with_name(final.name + ".tmp")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        records = [_write_rank_file(dict(state, moma=dict(state["moma"], has_manifest=True)),
+                                    rank_file(staging, tp_rank)) for tp_rank, state in sorted(states.items())]
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        _publish(save, iteration, staging, records, states[0], summary)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"{_failure(f'saving iteration {iteration}', staging, e)}; nothing was "
+                              "published") from None
+    error = _track(save, iteration, None)
+    if error is not None:
+        raise CheckpointError(error)
     return final
 
 

@@ -38,11 +38,13 @@ def checkpoint_args(load: str, iteration: Optional[int] = None) -> Tuple[int, Di
 
 
 def load_state(load: str, parallel, iteration: Optional[int] = None) -> checkpointing.Found:
-    """This rank's verified state of the newest intact checkpoint of ``load`` (notes printed)."""
+    """This rank's verified state of the newest intact checkpoint of ``load`` (notes printed), with
+    whole tensors (an FSDP2 checkpoint's read from its DCP directory)."""
     found = checkpointing.find_checkpoint(load, parallel.tp_rank, iteration, parallel.tp)
     if parallel.is_first:
         for note in found.notes:
             print(f"note: {note}", flush=True)
+    found.state = checkpointing.full_state(found.state, found.directory, parallel.tp_rank)
     return found
 
 

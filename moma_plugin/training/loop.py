@@ -39,7 +39,7 @@ from ..launch import report_signal_stop
 from ..metrics import collect_routing_metrics
 from . import checkpointing, resume
 from .arguments import args_for_checkpoint, batch_sizes, parse_args
-from .engines import build_engine
+from .engines import build_engine, engine_name
 from .engines.memory import estimate_line
 from .evaluation import evaluate, held_out_batches
 from .initialize import (
@@ -171,9 +171,12 @@ class PretrainJob:
                      f"{resume.OVERRIDE}); to start afresh, give a new --save")
             self.iteration = iteration
             return False
-        checkpointing.load_model_state(self.model, state["model"])  # before the engine shards it
+        if engine_name(args) != "fsdp2":  # the others take whole tensors (FSDP2 reads its shards)
+            state = checkpointing.full_state(state, found.directory, parallel.tp_rank)
+        if not checkpointing.is_sharded(state):
+            checkpointing.load_model_state(self.model, state["model"])  # before the engine wraps it
         self.start_engine()
-        self.engine.load_optimizer(state, found.directory)
+        self.engine.load_checkpoint(state, found.directory)
         for note in resume.reconcile_schedule(state, args):
             self.say(f"note: {note}")
         resume.apply_optimizer_values(self.engine.optimizer, args)

@@ -17,7 +17,7 @@ scales its loss by the data-parallel size (``loss_scale``).
 
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -105,9 +105,14 @@ class Engine:
         raise NotImplementedError
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def model_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The model's full state (every rank calls it; it may be a collective)."""
+    def full_model_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The model's whole weights (every rank calls it; it may be a collective)."""
         return {k: full(v) for k, v in self.model.state_dict().items()}
+
+    def model_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """What the checkpoint's rank file keeps of the model: its whole weights, or None when the
+        engine writes them itself (``save_engine_files``)."""
+        return self.full_model_state_dict()
 
     def optimizer_state_dict(self) -> Dict:
         """The optimizer's full state, parameter groups carrying the parameters' names."""
@@ -125,8 +130,10 @@ class Engine:
         or inf when a weight is not finite (a checkpoint records it: a diverged one shows in it)."""
         return total_norm([(p.detach(), is_tp_sharded(p)) for p in self.model.parameters()], self.parallel)
 
-    def load_optimizer(self, state: Dict, directory):
-        """Restores the optimizer from a checkpoint's ``state`` (read from ``directory``)."""
+    def load_checkpoint(self, state: Dict, directory):
+        """Restores the optimizer (and weights the model does not hold yet: the loop loads whole
+        weights before the engine wraps the model) from a checkpoint's ``state``, read from
+        ``directory``."""
         from ..resume import load_optimizer_state
 
         if state["optimizer"].get("state") is None:

@@ -90,6 +90,11 @@ def fill_config(config: Dict, args, num_micro: int, dp: int) -> Dict:
     return config
 
 
+def fp16_supported() -> bool:
+    """Whether DeepSpeed's accelerator here takes fp16 (CPUs: only those with fp16 instructions)."""
+    return bool(import_deepspeed().get_accelerator().is_fp16_supported())
+
+
 def zero_stage(config: Dict) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
@@ -105,6 +110,9 @@ class DeepSpeedEngine(Engine):
         self.accounting = f"zero{self.stage}" if self.stage else "ddp"
         if parallel.world == 1:  # a lone process (no launcher): DeepSpeed still asks for LOCAL_RANK
             os.environ.setdefault("LOCAL_RANK", "0")
+        if args.fp16 and not fp16_supported():
+            raise UsageError(f"--fp16: DeepSpeed does not train fp16 on this {parallel.device.type} "
+                             "(on CPU it needs AVX-512 FP16 or AMX-FP16); use --bf16 instead")
         optimizer = None if "optimizer" in config else build_optimizer(model, args)
         self.module, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config,
@@ -136,7 +144,7 @@ class DeepSpeedEngine(Engine):
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def model_state_dict(self):
+    def full_model_state_dict(self):
         """Full weights: gathered from the partitions under ZeRO-3 (every rank calls it); the fp32
         master weights where DeepSpeed keeps bf16/fp16 copies in the module."""
         def copy():
@@ -172,7 +180,7 @@ class DeepSpeedEngine(Engine):
         self.module.save_checkpoint(str(staging), tag=self.SUBDIR, save_latest=False)
         return self.SUBDIR
 
-    def load_optimizer(self, state, directory):
+    def load_checkpoint(self, state, directory):
         if not (directory / self.SUBDIR).is_dir():
             raise UsageError(f"{directory} was written by the {state.get('engine', 'ddp')} engine: it holds no "
                              f"DeepSpeed state ({self.SUBDIR}/) to resume --deepspeed from; resume it with "

@@ -18,12 +18,20 @@ fp32; the sharded parameters and the optimizer state stay fp32. ``--torch-fsdp2-
 forward`` keeps each layer's gathered parameters from forward to backward (more memory, one gather
 fewer per layer). Clipping: torch's norm over the DTensor gradients (the whole mesh), TP shards
 summed over the tensor-parallel group.
+
+Checkpoints: each rank writes its shards of the weights and Adam moments into the iteration's
+``dcp/mp_rank_NN/`` (torch.distributed.checkpoint over the data-parallel group; the stacked expert
+weights under their stacked names), and nothing is gathered. Loading reads the shards each rank
+now holds, whatever the number of ranks that wrote them. A checkpoint with whole tensors (the ddp
+engine's) loads too: the weights before sharding, the moments split on loading.
 """
 
 from contextlib import contextmanager
 
 import torch
 
+from .. import checkpointing
+from ..checkpointing import MODEL_PREFIX, OPTIMIZER_PREFIX, CheckpointError
 from .base import Engine
 
 
@@ -71,15 +79,69 @@ class FSDP2Engine(Engine):
         finally:
             self.model.set_requires_gradient_sync(True)
 
+    # -- checkpoints: sharded (see the module docstring) ---------------------------------------------
+    def model_state_dict(self):
+        return None  # in the DCP directory
+
+    def optimizer_state_dict(self):
+        return {"state": None, "param_groups": self.optimizer.state_dict()["param_groups"]}
+
+    def _model_tensors(self):
+        """{name: this rank's DTensor} of the weights and persistent buffers (the stacked experts'
+        parameters as they are, not their per-expert views)."""
+        tensors = {name: param.detach() for name, param in self.model.named_parameters()}
+        for module_name, module in self.model.named_modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name not in module._non_persistent_buffers_set:
+                    tensors[f"{module_name}.{name}" if module_name else name] = buffer
+        return tensors
+
+    def save_engine_files(self, staging):
+        names = {param: name for name, param in self.model.named_parameters()}
+        tensors = {MODEL_PREFIX + name: t for name, t in self._model_tensors().items()}
+        for param, entry in self.optimizer.state.items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"{OPTIMIZER_PREFIX}{names[param]}/{key}"] = value
+        checkpointing.write_dcp(tensors, checkpointing.dcp_dir(staging, self.parallel.tp_rank),
+                                group=self.parallel.dp_group)
+        return checkpointing.DCP_DIR
+
+    def load_checkpoint(self, state, directory):
+        if not checkpointing.is_sharded(state):
+            return super().load_checkpoint(state, directory)
+        path = checkpointing.dcp_dir(directory, self.parallel.tp_rank)
+        saved = checkpointing.dcp_keys(path)
+        model = self._model_tensors()
+        missing = [k for k in model if MODEL_PREFIX + k not in saved and "aux_router" not in k]
+        if missing:
+            raise CheckpointError(f"{path} lacks weights of this model ({', '.join(missing[:3])}); "
+                                  "build the model with the checkpoint's flags")
+        targets = {MODEL_PREFIX + k: t for k, t in model.items() if MODEL_PREFIX + k in saved}
+        params = dict(self.model.named_parameters())
+        for key, meta in saved.items():
+            if key.startswith(OPTIMIZER_PREFIX):
+                param = params[key[len(OPTIMIZER_PREFIX):].rsplit("/", 1)[0]]
+                targets[key] = torch.zeros_like(param.detach()) if tuple(meta.size) == tuple(param.shape) \
+                    else torch.zeros(meta.size, dtype=meta.properties.dtype)
+        checkpointing.read_dcp(path, targets, group=self.parallel.dp_group)  # into the shards
+        _, by_name = checkpointing.split_dcp(targets)
+        groups = state["optimizer"]["param_groups"]
+        numbered = {i: by_name[name] for g in groups for name, i in zip(g["param_names"], g["params"])
+                    if name in by_name}
+        super().load_checkpoint(dict(state, optimizer=dict(state["optimizer"], state=numbered)), directory)
+
     def load_optimizer_state_dict(self, state):
-        """Full moments in, this rank's shards of them kept (the checkpoint holds full tensors)."""
-        from torch.distributed.tensor import distribute_tensor
+        """Moments in: whole tensors (a ddp checkpoint) are split into this rank's shards; shards (a
+        DCP checkpoint) are kept."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for index, entry in state["state"].items():
             param = params[index]
             for key, value in list(entry.items()):
-                if torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0:
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.dim() > 0 \
+                        and value.shape == param.shape:
                     entry[key] = distribute_tensor(value.to(param.device), param.device_mesh,
                                                    param.placements)
         self.optimizer.load_state_dict(state)
