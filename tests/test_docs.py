@@ -98,6 +98,7 @@ def test_python_blocks_run_as_written(path, tmp_path):
         assert proc.returncode == 0, f"{path.name} python block {index}:\n{body}\n{proc.stderr[-3000:]}"
 
 
+@pytest.mark.timeout(1800)  # a document's commands, in order (each has its own 600 s limit in _run)
 @pytest.mark.parametrize("path", DOCUMENTS, ids=[p.name for p in DOCUMENTS])
 def test_shell_commands_run_as_written(path, tmp_path):
     (tmp_path / "examples").symlink_to(REPO / "examples")
