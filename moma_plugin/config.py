@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .expert_parallel import check_expert_parallel
 from .experts import EXECUTIONS
 
 SHARED_GROUP = "shared"  # name of the one group of an ``Nx`` layout, which serves every modality
@@ -139,18 +140,25 @@ class MoMaConfig(TransformerConfig):
         # the same FFN so that FLOPs-matched comparisons compare like with like.
         self.gated_linear_unit = True
         self.activation_func = F.silu
-        if self.expert_model_parallel_size > 1:  # before Megatron's check, which asks for its own MoE
-            raise NotImplementedError(
-                "expert parallelism for MoMa experts is not supported yet; set "
-                "expert_model_parallel_size=1 (experts are replicated and split by TP)."
-            )
+        # Expert parallelism is the plugin's (moma_plugin.expert_parallel), not Megatron's MoE layer,
+        # whose check (num_moe_experts must be set) it hides from.
+        ep, self.expert_model_parallel_size = self.expert_model_parallel_size, 1
         super().__post_init__()
+        self.expert_model_parallel_size = ep
         self.moma_modalities = tuple(self.moma_modalities)
         if not self.moma_modalities or len(set(self.moma_modalities)) != len(self.moma_modalities):
             raise ValueError(
                 f"moma_modalities={self.moma_modalities} must be a non-empty tuple of distinct names."
             )
         self.moma_expert_groups = parse_expert_groups(self.moma_experts, self.moma_modalities)
+        if ep > 1:
+            if self.is_dense:
+                raise ValueError(f"expert_model_parallel_size={ep} with moma_experts='dense': a dense "
+                                 "model has no experts to split; use expert_model_parallel_size=1.")
+            try:
+                check_expert_parallel(self.moma_expert_groups, ep)
+            except ValueError as e:
+                raise ValueError(f"expert_model_parallel_size={ep}: {e}.") from None
         if not (math.isfinite(self.moma_capacity_factor) and self.moma_capacity_factor > 0):
             raise ValueError(
                 f"moma_capacity_factor={self.moma_capacity_factor} must be a finite number > 0 "

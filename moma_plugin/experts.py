@@ -34,6 +34,8 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from torch import Tensor
 
+from .expert_parallel import ExpertParallel, local_rows
+
 # Shape letters (the package's legend is in moma_plugin/__init__.py): A chosen (token, expert) pairs,
 # H hidden size, F the FFN width on this TP rank, E experts of the layer, C tokens of one expert.
 
@@ -58,7 +60,18 @@ class StackedExperts(torch.nn.Module):
 
     def __init__(self, config, groups: Sequence, tp_group=None):
         super().__init__()
-        self.expert_names: List[str] = [f"{g.name}.{i}" for g in groups for i in range(g.num_experts)]
+        # Every expert of the layer, and (under expert parallelism) those this EP rank holds: its
+        # block of every group (moma_plugin.expert_parallel).
+        self.all_expert_names: List[str] = [f"{g.name}.{i}" for g in groups for i in range(g.num_experts)]
+        self.ep, held = None, list(range(len(self.all_expert_names)))
+        ep = getattr(config, "expert_model_parallel_size", 1)
+        if ep > 1:
+            from megatron.core import parallel_state
+
+            sizes = [g.num_experts for g in groups]
+            self.ep = ExpertParallel(sizes, parallel_state.get_expert_model_parallel_group())
+            held = self.ep.owned[self.ep.rank]
+        self.expert_names: List[str] = [self.all_expert_names[i] for i in held]
         self.tp_group = tp_group
         world = tp_group.size() if tp_group is not None else 1
         rank = tp_group.rank() if tp_group is not None else 0
@@ -67,13 +80,16 @@ class StackedExperts(torch.nn.Module):
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
         # Each expert as Megatron's CPU initialisation does it: the full master weight initialised
         # (fc1 then fc2, expert by expert), then this rank's slice kept.
+        # Under EP every expert is drawn and those of other ranks dropped: the same weights at any
+        # EP size.
         fc1, fc2 = [], []
-        for _ in self.expert_names:
+        for index in range(len(self.all_expert_names)):
             master1, master2 = torch.empty(2 * ffn, hidden), torch.empty(hidden, ffn)
             config.init_method(master1)
             config.output_layer_init_method(master2)
-            fc1.append(_tp_shard(master1, 0, 2, rank, world))
-            fc2.append(_tp_shard(master2, 1, 1, rank, world))
+            if index in held:
+                fc1.append(_tp_shard(master1, 0, 2, rank, world))
+                fc2.append(_tp_shard(master2, 1, 1, rank, world))
         # (Built under ``torch.device("meta")``, e.g. to count parameters, the tensors stay there.)
         make = lambda t: torch.nn.Parameter(  # noqa: E731
             t.to(device=t.device if t.is_meta else device, dtype=config.params_dtype))
@@ -86,6 +102,10 @@ class StackedExperts(torch.nn.Module):
             self.fc1_bias = make(torch.zeros(len(fc1), 2 * ffn // world))  # [E, 2F]
             self.fc2_bias = make(torch.zeros(len(fc1), hidden))  # [E, H], replicated like RowParallel's
             set_tensor_model_parallel_attributes(self.fc1_bias, True, 1, 2)
+        if self.ep is not None:
+            for param in self.stacked_parameters().values():
+                param.expert_rows, param.all_expert_rows = held, self.ep.owned
+                param.num_global_experts = len(self.all_expert_names)
 
     @property
     def num_experts(self) -> int:
@@ -116,15 +136,19 @@ class StackedExperts(torch.nn.Module):
         known = set()
         for name, param in self.stacked_parameters().items():
             keys = [prefix + key for key in self.expert_keys(name)]
-            known.update(keys)
-            if prefix + name in state_dict:  # the stacked tensor itself
+            # Other EP ranks' experts are not unexpected: a checkpoint holds every expert.
+            known.update(prefix + f"{expert}.{_EXPERT_KEYS[name]}" for expert in self.all_expert_names)
+            stacked = prefix + name in state_dict  # the stacked tensor itself
+            if stacked:
                 keys, known = [prefix + name], known | {prefix + name}
             present = [k for k in keys if k in state_dict]
             missing_keys.extend(k for k in keys if k not in state_dict)
             if len(present) != len(keys):
                 continue
             incoming = [state_dict[k] for k in keys]
-            shape = param.shape if len(keys) == 1 else param.shape[1:]
+            if stacked and incoming[0].shape[0] == len(self.all_expert_names):
+                incoming = [local_rows(incoming[0], param)]  # every expert's: this EP rank's rows
+            shape = param.shape if stacked else param.shape[1:]
             bad = [(k, t) for k, t in zip(keys, incoming) if tuple(t.shape) != tuple(shape)]
             if bad:
                 key, tensor = bad[0]
@@ -133,7 +157,7 @@ class StackedExperts(torch.nn.Module):
                                   f"model is {tuple(shape)}.")
                 continue
             with torch.no_grad():
-                param.copy_(incoming[0] if len(keys) == 1 else torch.stack(incoming))
+                param.copy_(incoming[0] if stacked else torch.stack(incoming))
         for key in state_dict:
             # Megatron's linears saved an ``_extra_state`` (None without FP8) per expert linear.
             if key.startswith(prefix) and key not in known and not key.endswith("._extra_state"):

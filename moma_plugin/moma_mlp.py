@@ -3,7 +3,8 @@
 Forward, in named stages:
   1. route:   each group's router scores the tokens of its modality (sigmoid, float32); each expert
               takes its top k_e = ceil(b^M * capacity_factor / |E^M|) tokens (expert choice).
-  2. dispatch: gather the chosen tokens, sorted by expert (all groups in one list).
+  2. dispatch: gather the chosen tokens, sorted by expert (all groups in one list); under expert
+              parallelism they travel to the ranks holding their experts (``expert_parallel``).
   3. compute: run the experts (expert by expert, grouped matmul, or padded bmm; ``auto`` picks).
   4. combine: weight each output by its sigmoid score and add it back at its token's position.
 """
@@ -152,7 +153,9 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         else:
             plan = self.route(x_TH, layout)
         x_AH = x_TH[plan.token_index_A]
-        y_AH = self.compute(x_AH, plan.tokens_per_expert)
+        ep = getattr(self.experts, "ep", None)  # expert parallelism: rows to their experts' ranks
+        y_AH = self.compute(x_AH, plan.tokens_per_expert) if ep is None else \
+            ep.run(x_AH, plan.tokens_per_expert, self.compute)
         y_AH = y_AH * plan.gate_A.unsqueeze(1).to(y_AH.dtype)
         out_TH = torch.zeros_like(x_TH).index_add(0, plan.token_index_A, y_AH)
         self._record_metrics(layout, plan)

@@ -17,6 +17,7 @@ import yaml
 from ..args import add_moma_args
 from ..cli import HelpFormatter, UsageError
 from ..config import parse_expert_groups
+from ..expert_parallel import check_expert_parallel
 from .engines import check_engine_flags
 
 
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="seed of every random generator and the sampler")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="ranks each layer is split over (launch with torchrun)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="ranks the experts of every modality group are split over (each holds a block "
+                        "of every group; they are data-parallel ranks for the rest of the model)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages (only 1 is supported yet)")
 
@@ -256,9 +260,18 @@ def _source(args, dest: str) -> str:
 def _check_moma_flags(args, fail):
     """The MoMa flags first: later, derived checks would otherwise report their consequences."""
     try:
-        parse_expert_groups(args.moma_experts, args.moma_modalities)
+        groups = parse_expert_groups(args.moma_experts, args.moma_modalities)
     except ValueError as e:
         fail(f"--moma-experts: {e}")
+    ep = args.expert_model_parallel_size
+    if ep > 1 and not groups:
+        fail(f"--expert-model-parallel-size {ep} with --moma-experts {args.moma_experts}: a dense model "
+             "has no experts to split; drop --expert-model-parallel-size")
+    if ep > 1:
+        try:
+            check_expert_parallel(groups, ep)
+        except ValueError as e:
+            fail(f"--expert-model-parallel-size {ep} with --moma-experts {args.moma_experts}: {e}")
     if not (math.isfinite(args.moma_capacity_factor) and args.moma_capacity_factor > 0):
         fail(f"--moma-capacity-factor must be a positive finite number (paper: 1.0), got "
              f"{args.moma_capacity_factor}")
@@ -354,7 +367,7 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     positive = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                 "train_iters", "log_interval", "eval_interval", "save_interval",
-                "tensor_model_parallel_size", "recompute_num_layers")
+                "tensor_model_parallel_size", "expert_model_parallel_size", "recompute_num_layers")
     for name in positive:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -34,6 +34,11 @@ class Parallel:
     device: torch.device
     tp_group: object = None
     dp_group: object = None
+    # Expert parallelism: the experts' ranks (a subset of the data-parallel group) and the group
+    # over which each expert's gradient is reduced (data-parallel size / EP).
+    ep: int = 1
+    ep_group: object = None
+    expert_dp_group: object = None
 
     @property
     def is_first(self) -> bool:
@@ -68,16 +73,50 @@ def setup_parallel(args) -> Parallel:
     if world % tp:
         raise UsageError(f"--tensor-model-parallel-size {tp} does not divide the {world} processes of "
                          "this job")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    ep = getattr(args, "expert_model_parallel_size", 1)
+    if (world // tp) % ep:
+        raise UsageError(f"--expert-model-parallel-size {ep} does not divide the {world // tp} "
+                         f"data-parallel ranks of this job ({world} processes / TP {tp}); the experts "
+                         "are split over data-parallel ranks: launch a multiple of TP x EP processes")
+    _initialize_model_parallel(tp, ep)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     return Parallel(rank=rank, world=world, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                     tp=tp, dp_rank=parallel_state.get_data_parallel_rank(),
                     dp=parallel_state.get_data_parallel_world_size(), device=device,
                     tp_group=parallel_state.get_tensor_model_parallel_group(),
-                    dp_group=parallel_state.get_data_parallel_group())
+                    dp_group=parallel_state.get_data_parallel_group(), ep=ep,
+                    ep_group=parallel_state.get_expert_model_parallel_group(),
+                    expert_dp_group=parallel_state.get_expert_data_parallel_group())
+
+
+_MODEL_PARALLEL = {}  # the (world group, TP, EP) Megatron's groups were built for, in this process
+
+
+def _initialize_model_parallel(tp: int, ep: int):
+    """Megatron's process groups for TP x EP, built once per process and layout: a process that runs
+    several jobs (the tests) reuses them, or destroys the groups it built before building new ones
+    (each gloo group keeps threads alive until destroyed)."""
+    from megatron.core import parallel_state
+
+    wanted = (id(torch.distributed.group.WORLD), tp, ep)
+    if parallel_state.model_parallel_is_initialized():
+        if _MODEL_PARALLEL.get("built") == wanted:
+            return
+        parallel_state.destroy_model_parallel()
+    if _MODEL_PARALLEL.get("built", (None,))[0] == wanted[0]:  # the same world: its old subgroups
+        for group in _MODEL_PARALLEL.get("groups", ()):
+            try:
+                torch.distributed.destroy_process_group(group)
+            except (ValueError, RuntimeError):  # destroyed already
+                pass
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    world, groups = torch.distributed.group.WORLD, set()
+    for value in vars(parallel_state).values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, torch.distributed.ProcessGroup) and item is not world:
+                groups.add(item)
+    _MODEL_PARALLEL.update(built=wanted, groups=groups)
 
 
 def any_rank(flag: bool, parallel: Parallel) -> bool:
@@ -266,9 +305,16 @@ def build_sampler(train_set, args, parallel: Parallel, layout, seed: Optional[in
 
 
 def count_parameters(model, parallel: Parallel) -> int:
-    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
-    replicated = sum(p.numel() for p in model.parameters()
-                     if not getattr(p, "tensor_model_parallel", False))
-    total = torch.tensor([float(sharded)], device=parallel.device)
-    torch.distributed.all_reduce(total, group=parallel.tp_group)
-    return int(total.item()) + replicated
+    """The model's parameters: tensor-parallel shards summed over the TP group, replicated ones once,
+    and under expert parallelism every EP rank's experts (each holds an equal block)."""
+    from ..expert_parallel import is_expert_parallel
+
+    def numel(sharded: bool, expert: bool) -> float:
+        return float(sum(p.numel() for p in model.parameters()
+                         if getattr(p, "tensor_model_parallel", False) == sharded
+                         and is_expert_parallel(p) == expert))
+
+    sums = torch.tensor([numel(True, False), numel(True, True)], device=parallel.device)
+    torch.distributed.all_reduce(sums, group=parallel.tp_group)
+    experts = sums[1].item() + numel(False, True)
+    return int(sums[0].item() + numel(False, False) + experts * parallel.ep)

@@ -245,7 +245,9 @@ class PretrainJob:
         self.writer.write_file("run.json", json.dumps(record, indent=1))
         self.say(f"{TOOL} {args.moma_experts}: {self.num_parameters / 1e6:.2f}M parameters, "
                  f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
-                 f"(TP {parallel.tp} x DP {parallel.dp}) on {parallel.device.type}, engine "
+                 f"(TP {parallel.tp} x DP {parallel.dp}"
+                 + (f", experts split over EP {parallel.ep} of the DP ranks" if parallel.ep > 1 else "")
+                 + f") on {parallel.device.type}, engine "
                  f"{self.engine.describe()}; {len(self.train_set)} "
                  f"training / {len(self.valid_set)} held-out samples of {args.seq_length} tokens; global "
                  f"batch {args.global_batch_size} ({self.num_micro} micro-batch(es) of "

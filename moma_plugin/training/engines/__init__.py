@@ -35,6 +35,11 @@ def check_engine_flags(args, fail):
         fail(f"--deepspeed with --tensor-model-parallel-size {args.tensor_model_parallel_size} is not "
              "supported (DeepSpeed would need Megatron's groups as its mpu); use the default ddp engine "
              "or --use-torch-fsdp2 with tensor parallelism")
+    ep = getattr(args, "expert_model_parallel_size", 1)
+    if ep > 1 and len(chosen):
+        fail(f"--expert-model-parallel-size {ep} with {chosen[0]} is not supported yet (the experts' "
+             "gradients must be reduced over the expert-data-parallel group only); use the default ddp "
+             "engine with expert parallelism")
     if args.bf16 and args.fp16:
         fail("--bf16 and --fp16 exclude each other; give one")
     if args.fp16 and not args.deepspeed:

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from ...cli import UsageError
+from ...expert_parallel import gather_rows, is_expert_parallel, local_rows
 
 
 def is_tp_sharded(param) -> bool:
@@ -33,19 +34,30 @@ def full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def total_norm(tensors_sharded: Iterable, parallel) -> float:
-    """The L2 norm of ``(tensor, tp_sharded)`` pairs over the whole model: torch's
-    ``get_total_norm`` per kind (over a DTensor's whole mesh for FSDP2 shards), tensor-parallel
-    shards' squares summed over the TP group, replicated tensors counted once; float64 sums."""
-    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
-    pairs = list(tensors_sharded)
-    for i, sharded in enumerate((True, False)):
-        group = [t for t, s in pairs if s == sharded]
+def total_norm(tensors_kinds: Iterable, parallel) -> float:
+    """The L2 norm of ``(tensor, (tp_sharded, ep_sharded))`` pairs over the whole model: torch's
+    ``get_total_norm`` per kind (over a DTensor's whole mesh for FSDP2 shards), the squares of
+    tensor-parallel shards summed over the TP group and those of expert-parallel experts over the EP
+    group, replicated tensors counted once; float64 sums."""
+    kinds = [(tp, ep) for tp in (True, False) for ep in (True, False)]
+    squares = torch.zeros(len(kinds), dtype=torch.float64, device=parallel.device)
+    pairs = list(tensors_kinds)
+    for i, kind in enumerate(kinds):
+        group = [t for t, k in pairs if k == kind]
         if group:
             squares[i] = full(torch.nn.utils.get_total_norm(group, 2.0)).double().pow(2)
-    if parallel.tp > 1:
-        torch.distributed.all_reduce(squares[:1], group=parallel.tp_group)
+    if parallel.tp > 1:  # kinds 0, 1: TP-sharded
+        torch.distributed.all_reduce(squares[:2], group=parallel.tp_group)
+    if parallel.ep > 1:  # kinds 0, 2: EP-sharded
+        ep_sharded = squares[0::2].clone()
+        torch.distributed.all_reduce(ep_sharded, group=parallel.ep_group)
+        squares[0::2] = ep_sharded
     return float(squares.sum().sqrt())
+
+
+def kind(param):
+    """(split by tensor parallelism, split by expert parallelism): how ``total_norm`` counts it."""
+    return is_tp_sharded(param), is_expert_parallel(param)
 
 
 class Engine:
@@ -83,7 +95,7 @@ class Engine:
     def clip(self, max_norm: float, parameters: List[torch.nn.Parameter]) -> float:
         """The global gradient norm of ``parameters`` before clipping; scales their gradients down to
         ``max_norm`` when above it (0: no clipping)."""
-        grads = [(p.grad, is_tp_sharded(p)) for p in parameters if p.grad is not None]
+        grads = [(p.grad, kind(p)) for p in parameters if p.grad is not None]
         norm = total_norm(grads, self.parallel)
         if max_norm > 0 and math.isfinite(norm) and norm > max_norm and grads:
             torch._foreach_mul_([g for g, _ in grads], max_norm / (norm + 1e-6))
@@ -106,8 +118,16 @@ class Engine:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def full_model_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The model's whole weights (every rank calls it; it may be a collective)."""
-        return {k: full(v) for k, v in self.model.state_dict().items()}
+        """The model's whole weights (every rank calls it; it may be a collective): with expert
+        parallelism every EP rank's experts (their names are global)."""
+        state = {k: full(v) for k, v in self.model.state_dict().items()}
+        if self.parallel.ep > 1:
+            parts = [None] * self.parallel.ep
+            mine = {k: v.cpu() for k, v in state.items() if ".experts." in k}
+            torch.distributed.all_gather_object(parts, mine, group=self.parallel.ep_group)
+            for part in parts:
+                state.update(part)
+        return state
 
     def model_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         """What the checkpoint's rank file keeps of the model: its whole weights, or None when the
@@ -117,18 +137,29 @@ class Engine:
     def optimizer_state_dict(self) -> Dict:
         """The optimizer's full state, parameter groups carrying the parameters' names."""
         state = self.optimizer.state_dict()
-        state["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in entry.items()}
-                          for i, entry in state["state"].items()}
+        params = self._numbered_parameters()
+        group = self.parallel.ep_group
+        state["state"] = {i: {k: gather_rows(full(v), params[i], group) if torch.is_tensor(v) else v
+                              for k, v in entry.items()} for i, entry in state["state"].items()}
         return state
 
     def load_optimizer_state_dict(self, state: Dict):
-        """Loads a full optimizer state (numbered as ``self.optimizer``'s parameters)."""
+        """Loads a full optimizer state (numbered as ``self.optimizer``'s parameters; every expert's
+        moments: this EP rank keeps its experts')."""
+        params = self._numbered_parameters()
+        for index, entry in state["state"].items():
+            for key, value in list(entry.items()):
+                if torch.is_tensor(value) and is_expert_parallel(params[index]):
+                    entry[key] = local_rows(value, params[index])
         self.optimizer.load_state_dict(state)
+
+    def _numbered_parameters(self) -> List[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def parameter_norm(self) -> float:
         """The global L2 norm of the weights (TP shards summed, replicated weights counted once); NaN
         or inf when a weight is not finite (a checkpoint records it: a diverged one shows in it)."""
-        return total_norm([(p.detach(), is_tp_sharded(p)) for p in self.model.parameters()], self.parallel)
+        return total_norm([(p.detach(), kind(p)) for p in self.model.parameters()], self.parallel)
 
     def load_checkpoint(self, state: Dict, directory):
         """Restores the optimizer (and weights the model does not hold yet: the loop loads whole

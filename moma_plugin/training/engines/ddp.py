@@ -1,12 +1,18 @@
 """``ddp`` (the default): torch's ``DistributedDataParallel`` over the data-parallel group (gloo on
 CPU, NCCL on GPU). Gradients are averaged in buckets during the backward of the last micro-batch
 (``no_sync`` before it); ``--ddp-bucket-size`` sets the bucket size. Under ``--bf16`` the weights,
-gradients and optimizer state stay fp32 and the forward runs under bf16 autocast."""
+gradients and optimizer state stay fp32 and the forward runs under bf16 autocast.
 
-from contextlib import nullcontext
+Expert parallelism: the experts' parameters differ between EP ranks, so DDP leaves them out; after
+the last micro-batch's backward their gradients (each owner's already sums every EP rank's tokens)
+are summed over the expert-data-parallel group and divided by the data-parallel size, as DDP's
+average does for the others."""
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 
+from ...expert_parallel import is_expert_parallel
 from .base import Engine
 
 
@@ -16,6 +22,11 @@ class DDPEngine(Engine):
     def __init__(self, model, args, parallel, build_optimizer):
         super().__init__(model, args, parallel)
         bucket_mb = args.ddp_bucket_size * 4 / 2 ** 20 if args.ddp_bucket_size else 25  # elements, as Megatron
+        experts = [name for name, p in model.named_parameters() if is_expert_parallel(p)]
+        self.expert_params = [p for p in model.parameters() if is_expert_parallel(p)]
+        if experts:
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, experts)
         if parallel.dp > 1:  # one data-parallel rank: nothing to average, the model runs bare
             self.module = torch.nn.parallel.DistributedDataParallel(
                 model, process_group=parallel.dp_group, bucket_cap_mb=bucket_mb,
@@ -35,8 +46,24 @@ class DDPEngine(Engine):
         with self.autocast() if self.parallel.device.type == "cpu" else nullcontext():
             loss.backward()
 
+    @contextmanager
     def accumulating(self, last: bool):
-        return nullcontext() if last or self.module is self.model else self.module.no_sync()
+        with nullcontext() if last or self.module is self.model else self.module.no_sync():
+            yield
+        if last and self.expert_params:
+            self._reduce_expert_gradients()
+
+    def _reduce_expert_gradients(self):
+        for p in self.expert_params:  # the same tensors on every rank, whatever its tokens
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.expert_params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.parallel.dp // self.parallel.ep > 1:
+            torch.distributed.all_reduce(flat, group=self.parallel.expert_dp_group)
+        flat /= self.parallel.dp
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(part.view_as(grad))
 
     def describe(self) -> str:
         return "ddp (torch DistributedDataParallel" + (", bf16 autocast" if self.dtype else "") + ")"

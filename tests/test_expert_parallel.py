@@ -1,0 +1,214 @@
+"""Expert parallelism: the experts of every modality group split over EP ranks (gloo, 2 and 4
+processes), against one process holding every expert."""
+
+import faulthandler
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from moma_plugin.expert_parallel import check_expert_parallel, local_experts
+from .conftest import free_port, run_ranks
+from .helpers import moma_mlp, run_mlp, tiny_config
+from .test_moma_mlp import _inputs
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
+        "--no-progress-bar", "--log-interval", "1", "--eval-interval", "100", "--micro-batch-size", "1",
+        "--global-batch-size", "8", "--mod-interval", "2", "--mod-capacity", "0.5", "--aux-router-joint"]
+
+
+def test_each_ep_rank_holds_a_block_of_every_group():
+    assert local_experts([4, 4], 2, 0) == [0, 1, 4, 5] and local_experts([4, 4], 2, 1) == [2, 3, 6, 7]
+    assert local_experts([4, 4], 4, 3) == [3, 7]
+    assert local_experts([6, 2], 2, 1) == [3, 4, 5, 7]
+    groups = tiny_config(moma_experts="4t4i").moma_expert_groups
+    with pytest.raises(ValueError, match=r"3 expert-parallel ranks cannot split the experts of "
+                                         r"group\(s\) text \(4\), image \(4\) evenly.*4t4i: 1, 2 or 4"):
+        check_expert_parallel(groups, 3)
+
+
+def _init(rank, world, port, ep, tp=1):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(170, exit=True, file=sys.stderr)
+    from megatron.core import parallel_state
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+
+
+def _layer_rank(rank, world, port, experts, modality_weights):
+    """Rank r's own tokens through an EP=world layer and through a one-rank layer with every expert
+    (the same weights): outputs and input gradients equal; each expert's gradient on its owner equals
+    the sum over ranks of the one-rank layer's gradient of that expert."""
+    _init(rank, world, port, ep=world)
+    config = dict(moma_experts=experts, moma_expert_execution="chunked")
+    reference = moma_mlp(tiny_config(**config), seed=3)
+    sharded = moma_mlp(tiny_config(**config, expert_model_parallel_size=world), seed=3)
+    weights = modality_weights[rank]
+    x, ids, target = _inputs(s=16, b=2, seed=10 + rank, modality_weights=weights)
+    results = {}
+    for name, mlp in (("reference", reference), ("sharded", sharded)):
+        inp = x.detach().clone().requires_grad_(True)
+        y, _ = run_mlp(mlp, inp, ids)
+        (y * target).sum().backward()
+        grads = {n: p.grad for n, p in mlp.named_parameters() if p.grad is not None}
+        results[name] = (y.detach(), inp.grad, grads)
+    (y_ref, dx_ref, g_ref), (y_ep, dx_ep, g_ep) = results["reference"], results["sharded"]
+    torch.testing.assert_close(y_ep, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_ep, dx_ref, rtol=1e-5, atol=1e-6)
+    held = sharded.experts.ep.owned[rank]
+    for name in ("experts.fc1_weight", "experts.fc2_weight"):
+        summed = g_ref[name].clone()
+        torch.distributed.all_reduce(summed)
+        torch.testing.assert_close(g_ep[name], summed[held], rtol=1e-5, atol=1e-6)
+    for name, grad in g_ref.items():  # routers and aux routers: this rank's tokens only, as before
+        if "experts" not in name:
+            torch.testing.assert_close(g_ep[name], grad, rtol=1e-5, atol=1e-6)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world, experts, weights", [
+    (2, "4t4i", None),
+    (2, "4t4i", [None, [1.0, 0.0]]),  # rank 1 holds text only: its image experts run on nothing
+    (2, "6t2i", None),
+    (2, "8x", None),  # one shared group
+    (4, "4t4i", [None, [0.0, 1.0], None, [1.0, 0.0]]),
+])
+def test_expert_parallel_layer_equals_one_rank_with_every_expert(tmp_path, world, experts, weights):
+    run_ranks(_layer_rank, (world, free_port(), experts, weights or [None] * world), nprocs=world,
+              timeout_s=180, what=f"EP {world}, {experts}")
+
+
+# -- the training job: EP against one process, checkpoints across EP sizes ------------------------------
+def _argv(name: str, world: int, workdir: str):
+    """{name: (world size, argv)}: every run of one global batch of 8 sequences; --eval-iters counts
+    one data-parallel rank's micro-batches."""
+    base = lambda dp, iters: [*TINY, "--eval-iters", str(8 // dp), "--train-iters", str(iters)]  # noqa: E731
+    ep = lambda n: ["--expert-model-parallel-size", str(n)]  # noqa: E731
+    return {
+        # one process, every expert: the reference; and its checkpoint at iteration 2
+        "ref": (1, [*base(1, 4), "--no-save"]),
+        "ref-half": (1, [*base(1, 4), "--exit-interval", "2", "--save", f"{workdir}/ep1"]),
+        # EP 2 straight; stopped at 2 and resumed; resumed from the EP 1 checkpoint
+        "ep2": (2, [*base(2, 4), *ep(2), "--no-save"]),
+        "ep2-stop": (2, [*base(2, 4), *ep(2), "--exit-interval", "2", "--save", f"{workdir}/ep2"]),
+        "ep2-resumed": (2, [*base(2, 4), *ep(2), "--save", f"{workdir}/ep2"]),
+        "ep1-to-ep2": (2, [*base(2, 4), *ep(2), "--load", f"{workdir}/ep1", "--save", f"{workdir}/1to2"]),
+        # four processes: TP 2 x EP 2, and the EP 2 checkpoint of iteration 2 at EP 4
+        "tp2-ep2": (4, [*base(2, 4), *ep(2), "--tensor-model-parallel-size", "2", "--no-save"]),
+        "ep2-to-ep4": (4, [*base(4, 4), *ep(4), "--load", f"{workdir}/ep2", "--ckpt-step", "2",
+                           "--save", f"{workdir}/2to4"]),
+        # one process again: the EP 2 checkpoint with every expert on one rank
+        "ep2-to-ep1": (1, [*base(1, 4), "--load", f"{workdir}/ep2", "--ckpt-step", "2",
+                           "--save", f"{workdir}/2to1"]),
+    }
+
+
+STAGES = [(1, ["ref", "ref-half"]), (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2"]),
+          (4, ["tp2-ep2", "ep2-to-ep4"]), (1, ["ep2-to-ep1"])]
+
+
+def _pretrain_rank(rank, world, port, workdir, names):
+    _init(rank, world, port, ep=1)
+    from moma_plugin.training import loop
+
+    results = {}
+    for name in names:
+        size, argv = _argv(name, world, workdir)[name]
+        assert size == world
+        print(f"== {world} process(es): {name}", flush=True)
+        result = loop.pretrain([*argv, "--run-dir", f"{workdir}/runs/{name}"])
+        records = [json.loads(line) for line in open(f"{workdir}/runs/{name}/metrics.jsonl")]
+        norms = {r["iteration"]: r["grad_norm"] for r in records if r.get("kind") == "train"}
+        parameters = json.load(open(f"{workdir}/runs/{name}/run.json"))["num_parameters"]
+        results[name] = (result.train_losses, result.status, norms, parameters)
+    if rank == 0:
+        torch.save(results, f"{workdir}/{names[0]}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ep")
+    results = {}
+    for world, names in STAGES:
+        run_ranks(_pretrain_rank, (world, free_port(), str(workdir), names), nprocs=world, timeout_s=600,
+                  what=f"the {world}-process runs {names}")
+        results.update(torch.load(workdir / f"{names[0]}.pt"))
+    results["workdir"] = workdir
+    return results
+
+
+@pytest.mark.parametrize("name", ["ep2", "tp2-ep2"])
+def test_expert_parallel_training_equals_one_process(runs, name):
+    """Per-iteration losses within 1e-5 of one process with every expert (MoD and joint aux routers
+    on): the experts' gradients reduced over the expert-data-parallel group, clipping counting each
+    expert once."""
+    (reference, _, reference_norms, parameters), (losses, status, norms, counted) = runs["ref"], runs[name]
+    assert counted == parameters  # the start-of-run count holds every rank's experts
+    assert status == "completed" and sorted(losses) == sorted(reference)
+    for i, loss in losses.items():
+        assert loss == pytest.approx(reference[i], rel=1e-5), (name, i)
+        # Adam hides a gradient off by a constant factor from the losses; the norm does not.
+        assert norms[i] == pytest.approx(reference_norms[i], rel=1e-5), (name, i)
+
+
+def test_resume_under_expert_parallelism_is_exact(runs):
+    straight, stop, resumed = runs["ep2"][0], runs["ep2-stop"], runs["ep2-resumed"][0]
+    assert stop[1] == "exit-interval" and sorted(stop[0]) == [1, 2] and sorted(resumed) == [3, 4]
+    assert [resumed[i] for i in (3, 4)] == [straight[i] for i in (3, 4)]
+
+
+@pytest.mark.parametrize("name", ["ep1-to-ep2", "ep2-to-ep1", "ep2-to-ep4"])
+def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
+    """Saved at EP 1 or 2 after iteration 2, resumed at EP 2, 1 and 4: iterations 3 and 4 as the run
+    that did not stop (1e-5: another number of processes)."""
+    reference, (losses, status, _, _) = runs["ref"][0], runs[name]
+    assert status == "completed" and sorted(losses) == [3, 4]
+    for i in (3, 4):
+        assert losses[i] == pytest.approx(reference[i], rel=1e-5), (name, i)
+
+
+def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(runs,
+                                                                              megatron_single_process):
+    """One process, every expert: the EP 2 checkpoint's rank file holds them all."""
+    from moma_plugin.training import aux_routers, generate
+
+    load, out = runs["workdir"] / "ep2", runs["workdir"] / "after"
+    generated = generate.run(["--load", str(load), "--max-new-tokens", "4", "--compare-kv-cache",
+                              "--output-dir", str(out / "gen")])
+    assert generated["iteration"] == 4 and generated["kv_cache_matches_recompute"] is True
+    report = aux_routers.train_aux_routers(["--load", str(load), "--save", str(out / "aux"),
+                                            "--train-iters", "1", "--eval-iters", "2"])
+    assert report["iteration"] == 4 and (out / "aux" / "iter_0000004" / "aux_routers.json").exists()
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--expert-model-parallel-size", "3", "--moma-experts", "4t4i"],
+     "--expert-model-parallel-size 3 with --moma-experts 4t4i: 3 expert-parallel ranks cannot split"),
+    (["--expert-model-parallel-size", "2", "--moma-experts", "dense"],
+     "a dense model has no experts to split"),
+    (["--expert-model-parallel-size", "2", "--use-torch-fsdp2"],
+     "--expert-model-parallel-size 2 with --use-torch-fsdp2 is not supported yet"),
+    (["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be at least 1"),
+])
+def test_expert_parallel_flag_errors_are_clear(capsys, flags, message):
+    from moma_plugin.training.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([*TINY, "--train-iters", "1", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_more_expert_parallel_ranks_than_data_parallel_ranks_is_refused(megatron_single_process, tmp_path):
+    from moma_plugin.training import loop
+
+    with pytest.raises(SystemExit, match="--expert-model-parallel-size 2 does not divide the 1 "
+                                         "data-parallel ranks"):
+        loop.pretrain([*TINY, "--train-iters", "1", "--no-save", "--expert-model-parallel-size", "2",
+                       "--run-dir", str(tmp_path / "run")])
