@@ -4,9 +4,10 @@
 copies weights: ``fc1_weight`` [E, 2F, H] (each expert's gate rows, then its up rows), ``fc2_weight``
 [E, H, F], and with ``add_bias_linear`` ``fc1_bias`` [E, 2F] and ``fc2_bias`` [E, H]. Experts are numbered
 group by group (text 0..3, then image 0..3 for ``4t4i``). Tensor parallelism splits the FFN width F, as
-Megatron's Column/RowParallelLinear pair does; expert parallelism would split E; an upcycled layer copies
-one expert into all E. Checkpoints keep one tensor per expert under the names Megatron's ``MLP`` experts
-had (``<group>.<index>.linear_fc1.weight``), so checkpoints written before the weights were stacked load.
+Megatron's Column/RowParallelLinear pair does; expert parallelism splits E (each EP rank holds a
+block of every group: ``expert_parallel``); an upcycled layer copies one expert into all E.
+Checkpoints keep one tensor per expert under the names Megatron's ``MLP`` experts had
+(``<group>.<index>.linear_fc1.weight``), so checkpoints written before the weights were stacked load.
 
 The A = sum_e C_e chosen tokens arrive sorted by expert; ``tokens_per_expert`` (host ints) says how many
 each expert took. Four executions, which must agree:

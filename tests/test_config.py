@@ -87,8 +87,12 @@ def test_mod_layers_are_every_interval_from_the_start_layer():
 def test_unsupported_parallelism_is_a_clear_error():
     with pytest.raises(NotImplementedError, match="sequence_parallel"):
         tiny_config(sequence_parallel=True, tensor_model_parallel_size=2)
-    with pytest.raises(NotImplementedError, match="expert_model_parallel_size=1"):
-        tiny_config(expert_model_parallel_size=2)
+    with pytest.raises(ValueError, match=r"expert_model_parallel_size=3: 3 expert-parallel ranks cannot "
+                                         r"split the experts of group\(s\) text \(2\), image \(2\)"):
+        tiny_config(expert_model_parallel_size=3)
+    with pytest.raises(ValueError, match="a dense model has no experts to split"):
+        tiny_config(moma_experts="dense", expert_model_parallel_size=2)
+    assert tiny_config(expert_model_parallel_size=2).expert_model_parallel_size == 2  # Megatron's own
     with pytest.raises(NotImplementedError, match="Mixture-of-Depths"):
         tiny_config(moma_experts="dense", mod_interval=2, sequence_parallel=True,
                     tensor_model_parallel_size=2)

@@ -95,8 +95,9 @@ _MODEL_PARALLEL = {}  # the (world group, TP, EP) Megatron's groups were built f
 
 def _initialize_model_parallel(tp: int, ep: int):
     """Megatron's process groups for TP x EP, built once per process and layout: a process that runs
-    several jobs (the tests) reuses them, or destroys the groups it built before building new ones
-    (each gloo group keeps threads alive until destroyed)."""
+    several jobs (the tests) reuses them while the layout stays, instead of building new ones each
+    time (each gloo group keeps threads alive until destroyed). The groups of another layout are
+    not destroyed: FSDP2's meshes resolve groups by name, and a destroyed name gets reused."""
     from megatron.core import parallel_state
 
     wanted = (id(torch.distributed.group.WORLD), tp, ep)
@@ -104,19 +105,8 @@ def _initialize_model_parallel(tp: int, ep: int):
         if _MODEL_PARALLEL.get("built") == wanted:
             return
         parallel_state.destroy_model_parallel()
-    if _MODEL_PARALLEL.get("built", (None,))[0] == wanted[0]:  # the same world: its old subgroups
-        for group in _MODEL_PARALLEL.get("groups", ()):
-            try:
-                torch.distributed.destroy_process_group(group)
-            except (ValueError, RuntimeError):  # destroyed already
-                pass
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-    world, groups = torch.distributed.group.WORLD, set()
-    for value in vars(parallel_state).values():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, torch.distributed.ProcessGroup) and item is not world:
-                groups.add(item)
-    _MODEL_PARALLEL.update(built=wanted, groups=groups)
+    _MODEL_PARALLEL["built"] = wanted
 
 
 def any_rank(flag: bool, parallel: Parallel) -> bool:
