@@ -100,7 +100,6 @@ class ExpertParallel:
         self.group = group
         self.size, self.rank = group.size(), group.rank()
         self.owned = [local_experts(group_sizes, self.size, q) for q in range(self.size)]
-        self.num_experts = sum(group_sizes)
 
     def run(self, x_AH: Tensor, tokens_per_expert: Sequence[int],
             compute: Callable[[Tensor, List[int]], Tensor]) -> Tensor:

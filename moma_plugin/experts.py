@@ -184,6 +184,13 @@ def stacked_parameter_sources(model: torch.nn.Module) -> Dict[str, List[str]]:
     return sources
 
 
+def holds_expert_state(model: torch.nn.Module):
+    """A predicate on ``model.state_dict()``'s keys: True for those of its StackedExperts."""
+    prefixes = tuple(f"{name}." for name, module in model.named_modules()
+                     if isinstance(module, StackedExperts))
+    return lambda key: key.startswith(prefixes)
+
+
 # -- execution -------------------------------------------------------------------------------------
 def choose_execution(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: StackedExperts) -> str:
     """The rule of ``moma_expert_execution="auto"``, from benchmarks/bench_moma_mlp.py and

@@ -150,10 +150,16 @@ def full_state(state: Dict[str, Any], directory: Path, tp_rank: int) -> Dict[str
         model, by_name = split_dcp(read_dcp(path))
     except Exception as e:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
-    groups = state["optimizer"]["param_groups"]
-    numbered = {i: by_name[name] for g in groups for name, i in zip(g["param_names"], g["params"])
-                if name in by_name}
-    return dict(state, model=model, optimizer=dict(state["optimizer"], state=numbered))
+    return dict(state, model=model, optimizer=numbered_optimizer_state(state["optimizer"], by_name))
+
+
+def numbered_optimizer_state(optimizer: Dict[str, Any], by_name: Dict[str, Any]) -> Dict[str, Any]:
+    """``optimizer`` (a rank file's: parameter groups with ``param_names``) with ``state`` set from
+    ``by_name`` ({parameter name: its state}, as ``split_dcp`` returns), numbered as the groups
+    number the parameters."""
+    numbered = {i: by_name[name] for g in optimizer["param_groups"]
+                for name, i in zip(g["param_names"], g["params"]) if name in by_name}
+    return dict(optimizer, state=numbered)
 
 
 def read_tracker(load) -> Optional[int]:

@@ -23,6 +23,7 @@ import torch
 
 from ...cli import UsageError
 from ...expert_parallel import gather_rows, is_expert_parallel, local_rows
+from ...experts import holds_expert_state
 
 
 def is_tp_sharded(param) -> bool:
@@ -123,7 +124,8 @@ class Engine:
         state = {k: full(v) for k, v in self.model.state_dict().items()}
         if self.parallel.ep > 1:
             parts = [None] * self.parallel.ep
-            mine = {k: v.cpu() for k, v in state.items() if ".experts." in k}
+            is_expert = holds_expert_state(self.model)
+            mine = {k: v.cpu() for k, v in state.items() if is_expert(k)}
             torch.distributed.all_gather_object(parts, mine, group=self.parallel.ep_group)
             for part in parts:
                 state.update(part)

@@ -126,10 +126,8 @@ class FSDP2Engine(Engine):
                     else torch.zeros(meta.size, dtype=meta.properties.dtype)
         checkpointing.read_dcp(path, targets, group=self.parallel.dp_group)  # into the shards
         _, by_name = checkpointing.split_dcp(targets)
-        groups = state["optimizer"]["param_groups"]
-        numbered = {i: by_name[name] for g in groups for name, i in zip(g["param_names"], g["params"])
-                    if name in by_name}
-        super().load_checkpoint(dict(state, optimizer=dict(state["optimizer"], state=numbered)), directory)
+        optimizer = checkpointing.numbered_optimizer_state(state["optimizer"], by_name)
+        super().load_checkpoint(dict(state, optimizer=optimizer), directory)
 
     def load_optimizer_state_dict(self, state):
         """Moments in: whole tensors (a ddp checkpoint) are split into this rank's shards; shards (a
