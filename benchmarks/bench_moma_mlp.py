@@ -35,6 +35,7 @@ import time
 import warnings
 
 import torch
+from tables import print_markdown_table  # benchmarks/tables.py, beside this script
 
 # Megatron warns at import time that Transformer Engine / Apex are absent; that is expected here.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -434,14 +435,7 @@ def print_table(results, ratios, modes, device, grouped_fell_back=False):
             if has_peak:
                 row.append(f"{res[mode].get('peak_extra_mib', float('nan')):.1f}")
         rows.append(row)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa
-    print()
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
-    print()
+    print_markdown_table(header, rows)
     print("ms: median wall time; cpu ms: median CPU time of the process (all threads; run with "
           "--threads 1 for 1-thread CPU time)")
     print("'vs loop' = median of per-round loop time / path time (speed-up over the reference loop);")

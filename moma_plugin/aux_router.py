@@ -42,7 +42,7 @@ class AuxRouter(torch.nn.Module):
         config.init_method(self.fc1)
         config.init_method(self.fc2)
         for weight in (self.fc1, self.fc2):
-            setattr(weight, "sequence_parallel", config.sequence_parallel)
+            # Not flagged ``sequence_parallel``: aux routers read every token (gathered under SP).
             weight.requires_grad_(False)
         self.register_buffer("trained", torch.zeros((), dtype=torch.bool))
         self.register_buffer("confusion_M4", torch.zeros(config.num_modalities, 4, dtype=torch.long),

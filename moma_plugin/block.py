@@ -9,11 +9,15 @@ context, full recompute by 'uniform' or 'block', final norm) without CUDA graphs
 """
 
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import Fp8Recipe
+from megatron.core.transformer import transformer_block
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
@@ -35,8 +39,15 @@ def _quantization_contexts(config):
 class MoMaTransformerBlock(TransformerBlock):
     """Transformer block of ``MoMaTransformerLayer``s; ``forward(..., modality_layout=...)``."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config, spec, *args, **kwargs):
+        if isinstance(spec, ModuleSpec) and transformer_block.LayerNormImpl is WrappedTorchNorm:
+            # Megatron's block would give a layer spec torch's norm as the final norm, which
+            # refuses sequence parallelism: the local spec's own norm takes it.
+            from .specs import SequenceParallelTorchNorm
+
+            spec = transformer_block._get_block_submodules(config, spec, kwargs.get("vp_stage"))
+            spec = replace(spec, layer_norm=SequenceParallelTorchNorm)
+        super().__init__(config, spec, *args, **kwargs)
         unsupported = [
             flag for flag in ("fp4", "cpu_offloading", "fine_grained_activation_offloading")
             if getattr(self.config, flag, False)

@@ -181,11 +181,6 @@ class MoMaConfig(TransformerConfig):
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; pick sizes with hidden_size % heads == 0."
             )
-        if not self.is_dense and self.sequence_parallel:
-            raise NotImplementedError(
-                "sequence_parallel with MoMa experts is not supported yet (each TP rank would route "
-                "only its sequence chunk); turn sequence_parallel off or use moma_experts='dense'."
-            )
         if self.mtp_num_layers:
             raise ValueError("multi-token prediction (mtp_num_layers) is not supported with MoMa yet.")
         self._check_vocab_ranges()
@@ -207,11 +202,11 @@ class MoMaConfig(TransformerConfig):
                 f"mod_start_layer={self.mod_start_layer} leaves no MoD layer among num_layers="
                 f"{self.num_layers}; lower it or set mod_interval=0."
             )
-        if self.mod_interval and (self.sequence_parallel or self.context_parallel_size > 1):
+        if self.mod_interval and self.context_parallel_size > 1:
             raise NotImplementedError(
                 "Mixture-of-Depths layers choose tokens over the whole micro-batch and pack each "
-                "sample's sequence, so they do not support sequence_parallel or context parallelism "
-                "yet; turn those off or set mod_interval=0."
+                "sample's sequence, so they do not support context parallelism yet; use "
+                "context_parallel_size=1 or set mod_interval=0."
             )
         if not 0 < self.moma_aux_threshold < 1:
             raise ValueError(f"moma_aux_threshold={self.moma_aux_threshold} must be in (0, 1).")

@@ -8,6 +8,10 @@ front of a shorter sequence; attention runs on that sequence with its usual caus
 tokens are neither queries nor keys/values, and padding at the tail is never attended to by a real
 token. The MoMa MLP then routes only the selected tokens, with the modality layout narrowed to them.
 A selected token leaves the layer as ``x + r * (layer(x) - x)``; every other token leaves it unchanged.
+
+Under sequence parallelism (TP ranks holding chunks of the sequence) a MoD layer gathers the sequence,
+chooses over the whole micro-batch as without it, and splits the packed sequence over the TP ranks for
+attention and the MLP (``_split_sequence``); every rank then holds the same whole wrapper computation.
 """
 
 import contextlib
@@ -17,6 +21,10 @@ from typing import Optional, Union
 
 import torch
 
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import (
@@ -72,6 +80,23 @@ def pack_by_sample(selected_K: Tensor, batch: int):
     seen_KB = (sample_K.unsqueeze(1) == torch.arange(batch, device=selected_K.device)).cumsum(0)
     slot_K = seen_KB.gather(1, sample_K.unsqueeze(1)).squeeze(1) - 1
     return slot_K * batch + sample_K, seen_KB[-1]
+
+
+def _split_sequence(sublayer, x_SBH: Tensor, tp_group) -> Tensor:
+    """``sublayer`` on the whole [S, b, H] sequence ``x_SBH``; with a ``tp_group`` (sequence
+    parallelism) each TP rank runs it on its chunk of the sequence, padded to a multiple of tp rows
+    (pad rows at the end come out of a causal sublayer without touching the real ones), and the
+    chunks are gathered back. The input and output gradients are whole on every rank."""
+    if tp_group is None:
+        return sublayer(x_SBH)
+    rows = x_SBH.shape[0]
+    pad = -rows % tp_group.size()
+    if pad:
+        x_SBH = torch.cat([x_SBH, x_SBH.new_zeros(pad, *x_SBH.shape[1:])])
+    chunk = scatter_to_sequence_parallel_region(x_SBH, group=tp_group)
+    out = gather_from_sequence_parallel_region(sublayer(chunk), tensor_parallel_output_grad=False,
+                                               group=tp_group)
+    return out[:rows]
 
 
 class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
@@ -164,6 +189,12 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             )
         if isinstance(rotary_pos_emb, tuple):
             raise NotImplementedError("MoD layers take one rotary table, not separate q/k tables.")
+        tp_group = self._sequence_parallel_group()
+        if tp_group is not None:
+            # Route over the whole micro-batch, as without SP: every TP rank runs the MoD wrapper on
+            # the gathered sequence (identically), so its gradient is whole: each keeps its chunk.
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=tp_group)
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         forward_id = modality_layout.forward_id if modality_layout is not None else None
         if self.routing_mode == "causal":
@@ -178,7 +209,16 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
                     self._modality_ids(modality_layout, x_TH), self.aux_threshold))
         output = self._forward_selected(hidden_states, selected_K, modality_layout, None, rotary_pos_emb,
                                         record_metrics=True, forward_id=forward_id)
+        if tp_group is not None:
+            output = scatter_to_sequence_parallel_region(output, group=tp_group)
         return output, context
+
+    def _sequence_parallel_group(self):
+        """The TP group when the layer's input is split along the sequence (SP with TP > 1), else None."""
+        tp_group = self.pg_collection.tp
+        if self.config.sequence_parallel and tp_group is not None and tp_group.size() > 1:
+            return tp_group
+        return None
 
     @torch.no_grad()
     def _top_scored(self, x_TH: Tensor) -> Tensor:
@@ -228,6 +268,10 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             return hidden_states
         packed_index_K, counts_B = pack_by_sample(selected_K, batch)
         packed_len, *selected_per_modality = torch.cat([counts_B.max().reshape(1), selected_M]).tolist()
+        # Under SP the sublayers take the packed sequence split over TP ranks: a multiple of tp long.
+        tp_group = None if kv_cache is not None else self._sequence_parallel_group()
+        if tp_group is not None:
+            packed_len = -(-packed_len // tp_group.size()) * tp_group.size()
         x_KH = x_TH.index_select(0, selected_K)
         packed_PH = x_KH.new_zeros(packed_len * batch, hidden).index_copy_(0, packed_index_K, x_KH)
         rotary = None
@@ -239,15 +283,15 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             rotary = rotary_pos_emb.index_select(0, packed_positions_P).reshape(
                 packed_len, batch, *rotary_pos_emb.shape[2:])
         with self._kv_cache_scope(kv_cache, counts_B):
-            attended, _ = self._forward_attention(packed_PH.view(packed_len, batch, hidden),
-                                                  rotary_pos_emb=rotary)
+            attended = _split_sequence(
+                lambda x: self._forward_attention(x, rotary_pos_emb=rotary)[0],
+                packed_PH.view(packed_len, batch, hidden), tp_group)
         y_K1H = attended.reshape(-1, hidden).index_select(0, packed_index_K).unsqueeze(1)
+        scope = contextlib.nullcontext()
         if self.has_moma_mlp:
-            narrowed = narrow_layout(layout, selected_K, selected_per_modality)
-            with self.mlp.routing_layout(narrowed):
-                out_K1H = self._forward_mlp(y_K1H)
-        else:
-            out_K1H = self._forward_mlp(y_K1H)
+            scope = self.mlp.routing_layout(narrow_layout(layout, selected_K, selected_per_modality))
+        with scope:
+            out_K1H = _split_sequence(self._forward_mlp, y_K1H, tp_group)
         out_KH = out_K1H.reshape(num_selected, hidden)
         if not self.is_mod:
             return x_TH.index_copy(0, selected_K, out_KH).view(seq, batch, hidden)

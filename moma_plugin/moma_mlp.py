@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
@@ -51,9 +55,9 @@ class GroupRouter(torch.nn.Module):
         )
         config.init_method(self.weight)
         self.compute_in_fp32 = config.moma_router_fp32
-        # Under sequence parallelism each TP rank routes its own tokens: Megatron then all-reduces
-        # the gradients of parameters flagged like this one (as it does for layer norms).
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        # Every TP rank routes every token of the micro-batch, also under sequence parallelism
+        # (MoMaMLP gathers the sequence first), so the gradient is whole on each rank: not flagged
+        # ``sequence_parallel`` (a flagged gradient is summed over the TP group).
 
     def forward(self, x_TH: Tensor) -> Tensor:
         if self.compute_in_fp32:
@@ -105,6 +109,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         if not isinstance(experts, ModuleSpec):
             experts = ModuleSpec(module=experts)
         self.experts = build_module(experts, config=config, groups=self.groups, tp_group=tp_group)
+        self.tp_group = tp_group
         num_experts = sum(g.num_experts for g in self.groups)
         self.register_buffer(
             "tokens_per_expert_ME", torch.zeros(config.num_modalities, num_experts, dtype=torch.long),
@@ -134,7 +139,25 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         return [("experts", self.aux_router[g.name]) for g in self.groups]
 
     def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **kwargs):
-        """hidden_states [s, b, H] -> (output [s, b, H], None)."""
+        """hidden_states [s, b, H] -> (output [s, b, H], None).
+
+        Under sequence parallelism the input is this TP rank's chunk [s/tp, b, H]: the chunks are
+        gathered, so routing sees every token as without it, the layer runs as at TP without SP (the
+        experts' FFN width split, their outputs all-reduced), and each rank keeps its output chunk.
+        The gathered sequence may end in fewer than tp rows of padding beyond the layout's tokens (a
+        Mixture-of-Depths layer pads its selected tokens to a multiple of tp): they are not routed
+        and come out as zeros."""
+        sequence_parallel = self.config.sequence_parallel and self.tp_group is not None \
+            and self.tp_group.size() > 1
+        if not sequence_parallel:
+            return self._forward_tokens(hidden_states), None
+        # Backward: the gradient of the gathered input is whole on every rank: each keeps its chunk.
+        full = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
+                                                    group=self.tp_group)
+        out = self._forward_tokens(full, padding=self.tp_group.size() - 1)
+        return scatter_to_sequence_parallel_region(out, group=self.tp_group), None
+
+    def _forward_tokens(self, hidden_states: Tensor, padding: int = 0) -> Tensor:
         layout = self._layout
         if layout is None:
             raise RuntimeError(
@@ -143,7 +166,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
                 "modality_layout=moma_plugin.build_modality_layout(modality_ids_SB, num_modalities)."
             )
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if layout.num_tokens != x_TH.shape[0]:
+        if not 0 <= x_TH.shape[0] - layout.num_tokens <= padding:
             raise ValueError(
                 f"modality layout has {layout.num_tokens} tokens but the layer got {x_TH.shape[0]} "
                 "(s*b). Modality ids must have the same [b, s] shape as the input ids."
@@ -159,7 +182,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         y_AH = y_AH * plan.gate_A.unsqueeze(1).to(y_AH.dtype)
         out_TH = torch.zeros_like(x_TH).index_add(0, plan.token_index_A, y_AH)
         self._record_metrics(layout, plan)
-        return out_TH.view_as(hidden_states), None
+        return out_TH.view_as(hidden_states)
 
     def route(self, x_TH: Tensor, layout: ModalityLayout) -> RoutingPlan:
         """Stage 1: expert choice inside every group over the group's tokens."""

@@ -7,6 +7,7 @@
 import importlib.util
 from typing import Optional
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -14,6 +15,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -41,11 +43,36 @@ def transformer_engine_available() -> bool:
     return True
 
 
+class SequenceParallelTorchNorm:
+    """torch's LayerNorm or RMSNorm for the local spec, also under sequence parallelism, which Megatron's
+    ``WrappedTorchNorm`` refuses: each TP rank normalises its own chunk of the sequence, and the weights
+    carry ``sequence_parallel=True`` so the engines sum their gradients over the TP group (as Megatron
+    does for its fused norms)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds or config.layernorm_zero_centered_gamma:
+            raise NotImplementedError(
+                f"the local spec's norm under sequence parallelism takes LayerNorm or RMSNorm without "
+                f"zero-centred gamma, not {config.normalization!r}; use Transformer Engine's spec.")
+        norm = kinds[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+
 class _LocalBackend(LocalSpecProvider):
-    """Megatron's local modules, with core attention that runs without CUDA."""
+    """Megatron's local modules, with core attention that runs without CUDA and torch's norms also
+    under sequence parallelism."""
 
     def core_attention(self):
         return SDPACoreAttention
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False):
+        norm = super().layer_norm(rms_norm=rms_norm, for_qk=for_qk)
+        return SequenceParallelTorchNorm if norm is WrappedTorchNorm else norm
 
 
 def _backend(use_te: Optional[bool]):

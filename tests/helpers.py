@@ -1,5 +1,8 @@
 """Small builders shared by the tests."""
 
+import contextlib
+from unittest import mock
+
 import torch
 
 import moma_plugin as mp
@@ -44,3 +47,28 @@ def run_mlp(mlp, hidden_SBH, modality_ids_SB):
         out, bias = mlp(hidden_SBH)
     assert bias is None
     return out, layout
+
+
+class CPURNGTracker:
+    """Stands in for Megatron's CUDA RNG tracker: forks nothing (dropout draws from torch's CPU
+    generator; the test models have no dropout)."""
+
+    @contextlib.contextmanager
+    def fork(self, name=None):
+        yield
+
+
+# The CUDA-bound calls of Megatron-Core's sequence parallelism that CPU test ranks replace (the
+# package itself refuses --sequence-parallel without CUDA): its communication allocates buffers on
+# torch.cuda.current_device() (tensor_parallel/mappings.py, layers.py, utils.py's global buffer), and
+# the embedding's dropout forks the CUDA RNG tracker (language_model_embedding.py).
+SEQUENCE_PARALLEL_STAND_INS = {"torch.cuda.current_device": lambda: "cpu",
+                               "megatron.core.tensor_parallel.get_cuda_rng_tracker": CPURNGTracker}
+
+
+@contextlib.contextmanager
+def sequence_parallel_stand_ins():
+    with contextlib.ExitStack() as stack:
+        for target, stand_in in SEQUENCE_PARALLEL_STAND_INS.items():
+            stack.enter_context(mock.patch(target, stand_in))
+        yield

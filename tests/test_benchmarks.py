@@ -56,3 +56,23 @@ def test_engines_benchmark_smoke_run():
                         result.stdout, re.MULTILINE)
         assert row, (engine, result.stdout)
     assert re.search(r"^\| tiny \| ddp \| [0-9,]+ \| 1\.00 \|", result.stdout, re.MULTILINE)
+
+
+def test_expert_parallel_benchmark_smoke_run():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_expert_parallel.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]  # it exits non-zero if EP=1 and EP=2 disagree
+    agreement = re.search(r"^max \|EP2 - EP1\| .*: output ([0-9.e+-]+), input gradient ([0-9.e+-]+)$",
+                          result.stdout, re.MULTILINE)
+    assert agreement and max(map(float, agreement.groups())) < 1e-4, result.stdout
+    assert re.search(r"^\| EP=1 \(8 experts per rank\) +\| [0-9.]+ +\| [0-9.]+ +\| [0-9.]+ +\| 1\.00 ",
+                     result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^\| EP=2 \(4 per rank\) +\| [0-9.]+ +\| [0-9.]+ +\| [0-9.]+ +\| [0-9.]+ \[[0-9.]+-[0-9.]+\] ",
+                     result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^EP=2 dispatch/combine .*: [0-9.]+% \[", result.stdout, re.MULTILINE), result.stdout
+    model = re.search(r"^bytes per token \(model\): ([0-9.]+) ", result.stdout, re.MULTILINE)
+    measured = re.search(r"^bytes per token \(measured\): ([0-9.]+) ", result.stdout, re.MULTILINE)
+    assert model and measured, result.stdout
+    # --quick: 128 tokens, H 64, capacity factor 1, balanced placement over 2 ranks: every (token,
+    # expert) row crosses 4 times half the time (512 B) plus 8 counts of 8 B per 128 tokens.
+    assert float(model.group(1)) == float(measured.group(1)) == 512.5, result.stdout

@@ -85,17 +85,16 @@ def test_mod_layers_are_every_interval_from_the_start_layer():
 
 
 def test_unsupported_parallelism_is_a_clear_error():
-    with pytest.raises(NotImplementedError, match="sequence_parallel"):
-        tiny_config(sequence_parallel=True, tensor_model_parallel_size=2)
+    # Sequence parallelism builds with MoMa experts and MoD layers (tests/test_tensor_parallel.py runs it).
+    assert tiny_config(sequence_parallel=True, tensor_model_parallel_size=2, mod_interval=2).sequence_parallel
     with pytest.raises(ValueError, match=r"expert_model_parallel_size=3: 3 expert-parallel ranks cannot "
                                          r"split the experts of group\(s\) text \(2\), image \(2\)"):
         tiny_config(expert_model_parallel_size=3)
     with pytest.raises(ValueError, match="a dense model has no experts to split"):
         tiny_config(moma_experts="dense", expert_model_parallel_size=2)
     assert tiny_config(expert_model_parallel_size=2).expert_model_parallel_size == 2  # Megatron's own
-    with pytest.raises(NotImplementedError, match="Mixture-of-Depths"):
-        tiny_config(moma_experts="dense", mod_interval=2, sequence_parallel=True,
-                    tensor_model_parallel_size=2)
+    with pytest.raises(NotImplementedError, match="Mixture-of-Depths.*context parallelism"):
+        tiny_config(moma_experts="dense", mod_interval=2, context_parallel_size=2)
 
 
 def test_config_uses_swiglu_experts():

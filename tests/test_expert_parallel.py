@@ -5,13 +5,15 @@ import faulthandler
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from moma_plugin.expert_parallel import check_expert_parallel, local_experts
 from .conftest import free_port, run_ranks
-from .helpers import moma_mlp, run_mlp, tiny_config
+from .helpers import (moma_mlp, random_batch, run_mlp, sequence_parallel_stand_ins, tiny_config,
+                      tiny_model)
 from .test_moma_mlp import _inputs
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
@@ -83,6 +85,39 @@ def test_expert_parallel_layer_equals_one_rank_with_every_expert(tmp_path, world
               timeout_s=180, what=f"EP {world}, {experts}")
 
 
+def _mod_model_rank(rank, world, port):
+    """A two-layer model whose layers are both Mixture-of-Depths layers (each routes the MoMa MLP of
+    its chosen tokens only): rank r's own batch through the EP=world model and through the model with
+    every expert, the same weights; logits and the non-expert gradients equal, each expert's gradient
+    the sum over ranks of the one-rank model's."""
+    _init(rank, world, port, ep=world)
+    config = dict(moma_experts="4t4i", mod_interval=1, mod_capacity=0.5, moma_expert_execution="chunked")
+    batch = random_batch(2, 16, seed=20 + rank)
+    results = {}
+    for name, ep in (("reference", 1), ("sharded", world)):
+        model = tiny_model(tiny_config(**config, expert_model_parallel_size=ep), seed=5)
+        tokens, positions, modality_ids = batch
+        logits = model(tokens, positions, None, modality_ids=modality_ids)
+        (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
+        results[name] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()
+                                           if p.grad is not None}, model)
+    (y_ref, g_ref, _), (y_ep, g_ep, model) = results["reference"], results["sharded"]
+    torch.testing.assert_close(y_ep, y_ref, rtol=1e-5, atol=1e-5)
+    assert g_ep.keys() == g_ref.keys() and any("mod_router" in n for n in g_ep)
+    held = model.decoder.layers[0].mlp.experts.ep.owned[rank]
+    for name, grad in g_ref.items():
+        if name.endswith(("experts.fc1_weight", "experts.fc2_weight")):
+            grad = grad.clone()
+            torch.distributed.all_reduce(grad)
+            grad = grad[held]
+        torch.testing.assert_close(g_ep[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    torch.distributed.destroy_process_group()
+
+
+def test_expert_parallel_mixture_of_depths_model_equals_one_rank():
+    run_ranks(_mod_model_rank, (2, free_port()), nprocs=2, timeout_s=180, what="EP 2, MoD model")
+
+
 # -- the training job: EP against one process, checkpoints across EP sizes ------------------------------
 def _argv(name: str, world: int, workdir: str):
     """{name: (world size, argv)}: every run of one global batch of 8 sequences; --eval-iters counts
@@ -100,6 +135,13 @@ def _argv(name: str, world: int, workdir: str):
         "ep1-to-ep2": (2, [*base(2, 4), *ep(2), "--load", f"{workdir}/ep1", "--save", f"{workdir}/1to2"]),
         # four processes: TP 2 x EP 2, and the EP 2 checkpoint of iteration 2 at EP 4
         "tp2-ep2": (4, [*base(2, 4), *ep(2), "--tensor-model-parallel-size", "2", "--no-save"]),
+        # sequence parallelism (CPU stand-ins for its CUDA-bound calls: tests/helpers.py)
+        "tp2-sp": (2, [*base(1, 4), "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                       "--no-save"]),
+        "tp2-sp-fsdp2": (2, [*base(1, 4), "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                             "--use-torch-fsdp2", "--no-save"]),
+        "tp2-ep2-sp": (4, [*base(2, 4), *ep(2), "--tensor-model-parallel-size", "2",
+                           "--sequence-parallel", "--no-save"]),
         "ep2-to-ep4": (4, [*base(4, 4), *ep(4), "--load", f"{workdir}/ep2", "--ckpt-step", "2",
                            "--save", f"{workdir}/2to4"]),
         # one process again: the EP 2 checkpoint with every expert on one rank
@@ -108,8 +150,8 @@ def _argv(name: str, world: int, workdir: str):
     }
 
 
-STAGES = [(1, ["ref", "ref-half"]), (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2"]),
-          (4, ["tp2-ep2", "ep2-to-ep4"]), (1, ["ep2-to-ep1"])]
+STAGES = [(1, ["ref", "ref-half"]), (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2", "tp2-sp", "tp2-sp-fsdp2"]),
+          (4, ["tp2-ep2", "tp2-ep2-sp", "ep2-to-ep4"]), (1, ["ep2-to-ep1"])]
 
 
 def _pretrain_rank(rank, world, port, workdir, names):
@@ -121,7 +163,8 @@ def _pretrain_rank(rank, world, port, workdir, names):
         size, argv = _argv(name, world, workdir)[name]
         assert size == world
         print(f"== {world} process(es): {name}", flush=True)
-        result = loop.pretrain([*argv, "--run-dir", f"{workdir}/runs/{name}"])
+        with sequence_parallel_stand_ins() if "--sequence-parallel" in argv else nullcontext():
+            result = loop.pretrain([*argv, "--run-dir", f"{workdir}/runs/{name}"])
         records = [json.loads(line) for line in open(f"{workdir}/runs/{name}/metrics.jsonl")]
         norms = {r["iteration"]: r["grad_norm"] for r in records if r.get("kind") == "train"}
         parameters = json.load(open(f"{workdir}/runs/{name}/run.json"))["num_parameters"]
@@ -143,11 +186,12 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", ["ep2", "tp2-ep2"])
+@pytest.mark.parametrize("name", ["ep2", "tp2-ep2", "tp2-sp", "tp2-sp-fsdp2", "tp2-ep2-sp"])
 def test_expert_parallel_training_equals_one_process(runs, name):
-    """Per-iteration losses within 1e-5 of one process with every expert (MoD and joint aux routers
-    on): the experts' gradients reduced over the expert-data-parallel group, clipping counting each
-    expert once."""
+    """Per-iteration losses within 1e-5 of one process with every expert (a MoD layer and joint aux
+    routers on): the experts' gradients reduced over the expert-data-parallel group, clipping counting
+    each expert once; with sequence parallelism, MoMa and MoD layers routing the gathered sequence
+    and the norms' gradients summed over the TP group."""
     (reference, _, reference_norms, parameters), (losses, status, norms, counted) = runs["ref"], runs[name]
     assert counted == parameters  # the start-of-run count holds every rank's experts
     assert status == "completed" and sorted(losses) == sorted(reference)
@@ -203,6 +247,35 @@ def test_expert_parallel_flag_errors_are_clear(capsys, flags, message):
     with pytest.raises(SystemExit):
         parse_args([*TINY, "--train-iters", "1", *flags])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sequence-parallel", "--seq-length", "63"],
+     "--sequence-parallel splits each sequence over the TP ranks: --seq-length 63 is not a multiple of "
+     "--tensor-model-parallel-size 2"),
+])
+def test_sequence_parallel_flag_errors_are_clear(capsys, flags, message):
+    from moma_plugin.training.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([*TINY, "--train-iters", "1", "--tensor-model-parallel-size", "2", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_sequence_parallel_without_cuda_says_so(tmp_path):
+    """On a machine without CUDA the job stops before it starts, saying why; without tensor
+    parallelism the flag does nothing and is turned off."""
+    from moma_plugin.training import loop
+    from moma_plugin.training.arguments import parse_args
+
+    assert parse_args([*TINY, "--train-iters", "1", "--sequence-parallel"]).sequence_parallel is False
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="--sequence-parallel needs CUDA: Megatron-Core's sequence-parallel "
+                                         "communication allocates its buffers on the current CUDA device"):
+        loop.pretrain([*TINY, "--train-iters", "1", "--no-save", "--tensor-model-parallel-size", "2",
+                       "--sequence-parallel", "--run-dir", str(tmp_path / "run")])
 
 
 def test_more_expert_parallel_ranks_than_data_parallel_ranks_is_refused(megatron_single_process, tmp_path):

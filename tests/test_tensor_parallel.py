@@ -22,7 +22,7 @@ from moma_plugin import moma_mlp as moma_mlp_module
 from moma_plugin.experts import _tp_shard
 
 from .conftest import free_port, run_ranks
-from .helpers import random_batch, tiny_config, tiny_model
+from .helpers import random_batch, sequence_parallel_stand_ins, tiny_config, tiny_model
 
 TP = 2
 JOIN_TIMEOUT_S = 90
@@ -45,7 +45,20 @@ VARIANTS = {
                              moma_expert_execution="grouped"), "grouped"),
     "padded-bias-3x": (dict(_BASE, moma_experts="3x", add_bias_linear=True,
                             moma_expert_execution="padded"), "padded"),
+    # Sequence parallelism: each TP rank holds a chunk of the sequence between the sublayers; the
+    # reference is the same model at TP=1 without it. 'mod': layer 1 is a Mixture-of-Depths layer
+    # choosing 13 of 32 tokens (an odd count: its MLP input is padded to a multiple of TP), with
+    # post-norms and biases (row-parallel biases are sequence-parallel parameters too).
+    "sp-chunked": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="chunked",
+                        sequence_parallel=True), "chunked"),
+    "sp-mod": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="loop", sequence_parallel=True,
+                    mod_interval=2, mod_start_layer=1, mod_capacity=0.4, moma_post_norm=True,
+                    add_bias_linear=True), "loop"),
 }
+
+
+def without_sequence_parallel(overrides):
+    return {k: v for k, v in overrides.items() if k != "sequence_parallel"}
 
 # Run at TP=1 on each rank's own process group while the global TP size is 2.
 OWN_GROUP_VARIANTS = ("loop", "chunked", "grouped", "padded")
@@ -119,13 +132,19 @@ def expert_paths():
         yield calls
 
 
-def run_variant(model, batch, loss_weights, path):
-    """Logits (local vocab shard), per-token loss, gradients, and the expert paths that ran."""
+def run_variant(model, batch, loss_weights, path, tp_group=None):
+    """Logits (local vocab shard), per-token loss, gradients, and the expert paths that ran. With a
+    ``tp_group``, the gradients of sequence-parallel parameters are summed over it, as the engines
+    do after the backward."""
+    from moma_plugin.training.engines.base import reduce_sequence_parallel_gradients
+
     tokens, position_ids, modality_ids = batch
     with expert_paths() as calls:
         logits = model(tokens, position_ids, None, modality_ids=modality_ids).detach()
         loss = model(tokens, position_ids, None, labels=tokens, modality_ids=modality_ids)
         (loss * loss_weights).sum().backward()
+    if tp_group is not None:
+        reduce_sequence_parallel_gradients(model, tp_group)
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     return logits, loss.detach(), grads, dict(calls)
 
@@ -154,15 +173,18 @@ def _rank_main(rank: int, port: int, payload_path: str, result_dir: str):
     payload = torch.load(payload_path, weights_only=False)
     batch, loss_weights = payload["batch"], payload["loss_weights"]
     for variant, (overrides, path) in VARIANTS.items():
-        model = tiny_model(tiny_config(tensor_model_parallel_size=TP, **overrides),
-                           vocab_size=VOCAB, seq_length=SEQ, seed=1000 + rank)
-        params = dict(model.named_parameters())
-        model.load_state_dict(
-            {name: shard_checkpoint_tensor(full, name, rank, TP)
-             for name, full in payload["states"][variant].items()},
-            strict=True,
-        )
-        logits, loss, grads, calls = run_variant(model, batch, loss_weights, path)
+        sp = overrides.get("sequence_parallel")
+        with sequence_parallel_stand_ins() if sp else contextlib.nullcontext():
+            model = tiny_model(tiny_config(tensor_model_parallel_size=TP, **overrides),
+                               vocab_size=VOCAB, seq_length=SEQ, seed=1000 + rank)
+            params = dict(model.named_parameters())
+            model.load_state_dict(
+                {name: shard_checkpoint_tensor(full, name, rank, TP)
+                 for name, full in payload["states"][variant].items()},
+                strict=True,
+            )
+            logits, loss, grads, calls = run_variant(
+                model, batch, loss_weights, path, tp_group=parallel_state.get_tensor_model_parallel_group())
         pieces = [torch.empty_like(logits) for _ in range(TP)]
         torch.distributed.all_gather(pieces, logits.contiguous())  # vocab shards, in rank order
         torch.save(
@@ -206,7 +228,8 @@ def tp_results(megatron_single_process, tmp_path_factory):
     loss_weights = torch.rand(BATCH, SEQ, generator=torch.Generator().manual_seed(5))
     references, states = {}, {}
     for variant, (overrides, path) in VARIANTS.items():
-        model = tiny_model(tiny_config(**overrides), vocab_size=VOCAB, seq_length=SEQ, seed=0)
+        model = tiny_model(tiny_config(**without_sequence_parallel(overrides)), vocab_size=VOCAB,
+                           seq_length=SEQ, seed=0)
         states[variant] = model.state_dict()
         logits, loss, grads, calls = run_variant(model, batch, loss_weights, path)
         references[variant] = dict(logits=logits, loss=loss, grads=grads, calls=calls,

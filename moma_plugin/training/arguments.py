@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="ranks the experts of every modality group are split over (each holds a block "
                         "of every group; they are data-parallel ranks for the rest of the model)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with TP > 1: split the sequence over the TP ranks between sublayers (norms, "
+                        "dropout, residuals), as Megatron does; MoMa and MoD layers gather it to route "
+                        "every token, so results equal TP without it (needs CUDA)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages (only 1 is supported yet)")
 
@@ -384,6 +388,14 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.max_position_embeddings < args.seq_length:
         fail(f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length "
              f"{args.seq_length}")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        print("note: --sequence-parallel does nothing without tensor parallelism; turned off",
+              file=sys.stderr)
+        args.sequence_parallel = False
+    if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
+        fail(f"--sequence-parallel splits each sequence over the TP ranks: --seq-length "
+             f"{args.seq_length} is not a multiple of --tensor-model-parallel-size "
+             f"{args.tensor_model_parallel_size}")
     if args.pipeline_model_parallel_size != 1:
         fail(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: only 1 is supported by "
              "moma-pretrain yet (Megatron's pipeline schedules need CUDA); use tensor or data parallelism")

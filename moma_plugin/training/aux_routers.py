@@ -136,7 +136,8 @@ def train_aux_routers(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = args_from_checkpoint(saved_args, micro_batch_size=options.micro_batch_size,
                                 data_path=options.data_path, moma_aux_threshold=options.aux_threshold,
                                 eval_iters=options.eval_iters, aux_router_joint=False,
-                                expert_model_parallel_size=1)  # every rank holds every expert
+                                # every rank holds every expert and every token of its sequences
+                                expert_model_parallel_size=1, sequence_parallel=False)
     parallel = setup_parallel(args)
     with ExitStack() as stack:
         lock_directories(stack, [options.save], parallel, TOOL, checkpoints=options.save)

@@ -185,7 +185,8 @@ def run(argv: Optional[List[str]] = None) -> Dict:
                          f"{saved_args['tensor_model_parallel_size']}; generation needs a TP-1 model")
     args = args_from_checkpoint(saved_args, data_path=options.data_path,
                                 moma_aux_threshold=options.aux_threshold, tensor_model_parallel_size=1,
-                                expert_model_parallel_size=1)  # one process holds every expert
+                                # one process holds every expert and the whole sequence
+                                expert_model_parallel_size=1, sequence_parallel=False)
     parallel = setup_parallel(args)
     if parallel.world != 1:
         raise UsageError("generation runs in one process (TP 1); launch it without torchrun")

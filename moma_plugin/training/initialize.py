@@ -57,6 +57,8 @@ def setup_parallel(args) -> Parallel:
     from megatron.core import parallel_state
 
     tp = args.tensor_model_parallel_size
+    if getattr(args, "sequence_parallel", False) and tp > 1:
+        _check_sequence_parallel_device()
     if torch.cuda.is_available():  # before the process group: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not torch.distributed.is_initialized():
@@ -88,6 +90,17 @@ def setup_parallel(args) -> Parallel:
                     dp_group=parallel_state.get_data_parallel_group(), ep=ep,
                     ep_group=parallel_state.get_expert_model_parallel_group(),
                     expert_dp_group=parallel_state.get_expert_data_parallel_group())
+
+
+def _check_sequence_parallel_device():
+    """Megatron-Core's sequence-parallel collectives allocate on ``torch.cuda.current_device()``."""
+    try:
+        torch.cuda.current_device()
+    except (AssertionError, RuntimeError) as e:  # a CPU build, or no GPU
+        raise UsageError(
+            f"--sequence-parallel needs CUDA: Megatron-Core's sequence-parallel communication "
+            f"allocates its buffers on the current CUDA device ({e}). It saves activation memory and "
+            "does not change the results; train without it on this machine") from None
 
 
 _MODEL_PARALLEL = {}  # the (world group, TP, EP) Megatron's groups were built for, in this process

@@ -70,6 +70,7 @@ def train_step(engine, micro_batches, layout, args, parallel):
             engine.backward(loss)
         sums += modality_loss_sums(loss_BS, batch["loss_mask"], label_mod, num_modalities)
     torch.distributed.all_reduce(sums, group=parallel.dp_group)
+    engine.finish_gradients()
     if engine.clips_itself:
         engine.step()
         grad_norm = engine.grad_norm_after_step()

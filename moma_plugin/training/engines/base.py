@@ -56,6 +56,22 @@ def total_norm(tensors_kinds: Iterable, parallel) -> float:
     return float(squares.sum().sqrt())
 
 
+def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group) -> int:
+    """Sums over the TP group the gradients of parameters flagged ``sequence_parallel`` (norms and
+    row-parallel biases under sequence parallelism: each TP rank saw only its chunk of the sequence,
+    so each holds part of the gradient). Returns how many gradients it reduced."""
+    grads = [p.grad for p in model.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads or tp_group is None or tp_group.size() == 1:
+        return 0
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this DP shard
+    flat = torch.cat([g.reshape(-1) for g in local])
+    torch.distributed.all_reduce(flat, group=tp_group)
+    for grad, part in zip(local, flat.split([g.numel() for g in local])):
+        grad.copy_(part.view_as(grad))
+    return len(grads)
+
+
 def kind(param):
     """(split by tensor parallelism, split by expert parallelism): how ``total_norm`` counts it."""
     return is_tp_sharded(param), is_expert_parallel(param)
@@ -92,6 +108,11 @@ class Engine:
         # operating system and the next step's fresh buffers page-fault: there they are kept and
         # zeroed in place.
         self.optimizer.zero_grad(set_to_none=self.parallel.device.type != "cpu")
+
+    def finish_gradients(self):
+        """After the last micro-batch's backward and the engine's reduction, before clipping: the
+        gradients of sequence-parallel parameters summed over the TP group."""
+        reduce_sequence_parallel_gradients(self.model, self.parallel.tp_group)
 
     def clip(self, max_norm: float, parameters: List[torch.nn.Parameter]) -> float:
         """The global gradient norm of ``parameters`` before clipping; scales their gradients down to

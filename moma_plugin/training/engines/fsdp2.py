@@ -51,6 +51,10 @@ def shard_model(model, parallel, bf16: bool, reshard_after_forward: bool, aux_un
         else MixedPrecisionPolicy()
     from ...aux_router import aux_routers
 
+    # fully_shard puts new (DTensor) parameters in place of the old ones, without their Python
+    # attributes: those that clipping (TP shards) and the SP gradient sum read are carried over.
+    kept = {name: {a: getattr(p, a) for a in _KEPT_ATTRIBUTES if hasattr(p, a)}
+            for name, p in model.named_parameters()}
     for layer in model.decoder.layers:
         # Trained jointly, aux routers also run after their layer's forward (their loss is computed
         # when the loop pops it): each is then a unit of its own, gathered when it runs.
@@ -58,7 +62,13 @@ def shard_model(model, parallel, bf16: bool, reshard_after_forward: bool, aux_un
             fully_shard(router, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for name, param in model.named_parameters():
+        for attribute, value in kept.get(name, {}).items():
+            setattr(param, attribute, value)
     return mesh
+
+
+_KEPT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
 
 
 class FSDP2Engine(Engine):
