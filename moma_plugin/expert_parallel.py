@@ -42,10 +42,12 @@ def check_expert_parallel(groups, ep: int):
     """A ValueError when some group's experts cannot be split evenly over ``ep`` ranks."""
     bad = [f"{g.name} ({g.num_experts})" for g in groups if g.num_experts % ep]
     if bad:
+        fitting = [n for n in range(1, min(g.num_experts for g in groups) + 1)
+                   if all(g.num_experts % n == 0 for g in groups)]
         raise ValueError(
             f"{ep} expert-parallel ranks cannot split the experts of group(s) {', '.join(bad)} evenly "
             "(each EP rank holds the same number of experts of every group); pick an EP size that "
-            "divides every group's expert count (4t4i: 1, 2 or 4)")
+            f"divides every group's expert count: {', '.join(map(str, fitting))}")
 
 
 class _AllToAll(torch.autograd.Function):

@@ -115,9 +115,11 @@ class StackedExperts(torch.nn.Module):
     def stacked_parameters(self) -> Dict[str, Tensor]:
         return {name: p for name in _EXPERT_KEYS if (p := getattr(self, name)) is not None}
 
-    def expert_keys(self, name: str) -> List[str]:
-        """The per-expert checkpoint names (relative to this module) of stacked parameter ``name``."""
-        return [f"{expert}.{_EXPERT_KEYS[name]}" for expert in self.expert_names]
+    def expert_keys(self, name: str, every: bool = False) -> List[str]:
+        """The per-expert checkpoint names (relative to this module) of stacked parameter ``name``:
+        of the experts this rank holds, or with ``every`` of all the layer's experts."""
+        experts = self.all_expert_names if every else self.expert_names
+        return [f"{expert}.{_EXPERT_KEYS[name]}" for expert in experts]
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts} ({', '.join(self.expert_names)}), "
@@ -172,15 +174,16 @@ class StackedExperts(torch.nn.Module):
         )
 
 
-def stacked_parameter_sources(model: torch.nn.Module) -> Dict[str, List[str]]:
+def stacked_parameter_sources(model: torch.nn.Module, every: bool = False) -> Dict[str, List[str]]:
     """{name of each stacked expert parameter in ``model``: the per-expert checkpoint names it holds,
-    in expert order}: what turns a checkpoint's per-expert tensors (or optimizer state) into it."""
+    in expert order}: what turns a checkpoint's per-expert tensors (or optimizer state) into it.
+    ``every``: the names of all the layer's experts, also those other EP ranks hold."""
     sources = {}
     for module_name, module in model.named_modules():
         if isinstance(module, StackedExperts):
             prefix = f"{module_name}." if module_name else ""
             for name in module.stacked_parameters():
-                sources[prefix + name] = [prefix + key for key in module.expert_keys(name)]
+                sources[prefix + name] = [prefix + key for key in module.expert_keys(name, every)]
     return sources
 
 

@@ -27,8 +27,10 @@ def test_each_ep_rank_holds_a_block_of_every_group():
     assert local_experts([6, 2], 2, 1) == [3, 4, 5, 7]
     groups = tiny_config(moma_experts="4t4i").moma_expert_groups
     with pytest.raises(ValueError, match=r"3 expert-parallel ranks cannot split the experts of "
-                                         r"group\(s\) text \(4\), image \(4\) evenly.*4t4i: 1, 2 or 4"):
+                                         r"group\(s\) text \(4\), image \(4\) evenly.*expert count: 1, 2, 4$"):
         check_expert_parallel(groups, 3)
+    with pytest.raises(ValueError, match=r"group\(s\) image \(2\) evenly.*expert count: 1, 2$"):
+        check_expert_parallel(tiny_config(moma_experts="6t2i").moma_expert_groups, 3)
 
 
 def _init(rank, world, port, ep, tp=1):
@@ -124,6 +126,7 @@ def _argv(name: str, world: int, workdir: str):
     one data-parallel rank's micro-batches."""
     base = lambda dp, iters: [*TINY, "--eval-iters", str(8 // dp), "--train-iters", str(iters)]  # noqa: E731
     ep = lambda n: ["--expert-model-parallel-size", str(n)]  # noqa: E731
+    fsdp2 = ["--use-torch-fsdp2"]
     return {
         # one process, every expert: the reference; and its checkpoint at iteration 2
         "ref": (1, [*base(1, 4), "--no-save"]),
@@ -147,11 +150,30 @@ def _argv(name: str, world: int, workdir: str):
         # one process again: the EP 2 checkpoint with every expert on one rank
         "ep2-to-ep1": (1, [*base(1, 4), "--load", f"{workdir}/ep2", "--ckpt-step", "2",
                            "--save", f"{workdir}/2to1"]),
+        # FSDP2 with EP (experts left to EP): straight, on 4 ranks (EP 2 x expert-DP 2), stopped and
+        # resumed; its checkpoint (one DCP entry per expert) at EP 4, read whole by ddp at EP 1, and
+        # by FSDP2 without EP; the ddp engine's EP 2 checkpoint resumed by FSDP2
+        "ep2-fsdp2": (2, [*base(2, 4), *ep(2), *fsdp2, "--no-save"]),
+        "ep2-fsdp2-stop": (2, [*base(2, 4), *ep(2), *fsdp2, "--exit-interval", "2",
+                               "--save", f"{workdir}/ep2f"]),
+        "ep2-fsdp2-resumed": (2, [*base(2, 4), *ep(2), *fsdp2, "--save", f"{workdir}/ep2f"]),
+        "ep2-ddp-to-fsdp2": (2, [*base(2, 4), *ep(2), *fsdp2, "--load", f"{workdir}/ep2", "--ckpt-step",
+                                 "2", "--save", f"{workdir}/ddp-to-fsdp2"]),
+        "ep2-dp4-fsdp2": (4, [*base(4, 4), *ep(2), *fsdp2, "--no-save"]),
+        "ep2-fsdp2-to-ep4": (4, [*base(4, 4), *ep(4), *fsdp2, "--load", f"{workdir}/ep2f", "--ckpt-step",
+                                 "2", "--save", f"{workdir}/f2to4"]),
+        "ep2-fsdp2-to-ep1": (1, [*base(1, 4), "--load", f"{workdir}/ep2f", "--ckpt-step", "2",
+                                 "--save", f"{workdir}/f2to1"]),
+        "ep2-fsdp2-to-fsdp2-ep1": (1, [*base(1, 4), *fsdp2, "--load", f"{workdir}/ep2f", "--ckpt-step",
+                                       "2", "--save", f"{workdir}/f2tof1"]),
     }
 
 
-STAGES = [(1, ["ref", "ref-half"]), (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2", "tp2-sp", "tp2-sp-fsdp2"]),
-          (4, ["tp2-ep2", "tp2-ep2-sp", "ep2-to-ep4"]), (1, ["ep2-to-ep1"])]
+STAGES = [(1, ["ref", "ref-half"]),
+          (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2", "tp2-sp", "tp2-sp-fsdp2", "ep2-fsdp2",
+               "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2"]),
+          (4, ["tp2-ep2", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-fsdp2-to-ep4"]),
+          (1, ["ep2-to-ep1", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1"])]
 
 
 def _pretrain_rank(rank, world, port, workdir, names):
@@ -186,7 +208,8 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", ["ep2", "tp2-ep2", "tp2-sp", "tp2-sp-fsdp2", "tp2-ep2-sp"])
+@pytest.mark.parametrize("name", ["ep2", "tp2-ep2", "tp2-sp", "tp2-sp-fsdp2", "tp2-ep2-sp", "ep2-fsdp2",
+                                  "ep2-dp4-fsdp2"])
 def test_expert_parallel_training_equals_one_process(runs, name):
     """Per-iteration losses within 1e-5 of one process with every expert (a MoD layer and joint aux
     routers on): the experts' gradients reduced over the expert-data-parallel group, clipping counting
@@ -201,15 +224,19 @@ def test_expert_parallel_training_equals_one_process(runs, name):
         assert norms[i] == pytest.approx(reference_norms[i], rel=1e-5), (name, i)
 
 
-def test_resume_under_expert_parallelism_is_exact(runs):
-    straight, stop, resumed = runs["ep2"][0], runs["ep2-stop"], runs["ep2-resumed"][0]
+@pytest.mark.parametrize("engine", ["", "-fsdp2"])
+def test_resume_under_expert_parallelism_is_exact(runs, engine):
+    straight, stop, resumed = (runs[f"ep2{engine}"][0], runs[f"ep2{engine}-stop"],
+                               runs[f"ep2{engine}-resumed"][0])
     assert stop[1] == "exit-interval" and sorted(stop[0]) == [1, 2] and sorted(resumed) == [3, 4]
     assert [resumed[i] for i in (3, 4)] == [straight[i] for i in (3, 4)]
 
 
-@pytest.mark.parametrize("name", ["ep1-to-ep2", "ep2-to-ep1", "ep2-to-ep4"])
+@pytest.mark.parametrize("name", ["ep1-to-ep2", "ep2-to-ep1", "ep2-to-ep4", "ep2-ddp-to-fsdp2",
+                                  "ep2-fsdp2-to-ep4", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1"])
 def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
-    """Saved at EP 1 or 2 after iteration 2, resumed at EP 2, 1 and 4: iterations 3 and 4 as the run
+    """Saved at EP 1 or 2 after iteration 2 (ddp engine: every expert in the rank file; FSDP2: one
+    DCP entry per expert), resumed at EP 2, 1 and 4, by either engine: iterations 3 and 4 as the run
     that did not stop (1e-5: another number of processes)."""
     reference, (losses, status, _, _) = runs["ref"][0], runs[name]
     assert status == "completed" and sorted(losses) == [3, 4]
@@ -217,12 +244,14 @@ def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
         assert losses[i] == pytest.approx(reference[i], rel=1e-5), (name, i)
 
 
-def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(runs,
+@pytest.mark.parametrize("saved", ["ep2", "ep2f"])
+def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(runs, saved,
                                                                               megatron_single_process):
-    """One process, every expert: the EP 2 checkpoint's rank file holds them all."""
+    """One process, every expert: the EP 2 checkpoint's rank file (ddp) or DCP entries (FSDP2) hold
+    them all."""
     from moma_plugin.training import aux_routers, generate
 
-    load, out = runs["workdir"] / "ep2", runs["workdir"] / "after"
+    load, out = runs["workdir"] / saved, runs["workdir"] / f"after-{saved}"
     generated = generate.run(["--load", str(load), "--max-new-tokens", "4", "--compare-kv-cache",
                               "--output-dir", str(out / "gen")])
     assert generated["iteration"] == 4 and generated["kv_cache_matches_recompute"] is True
@@ -237,8 +266,10 @@ def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(r
      "--expert-model-parallel-size 3 with --moma-experts 4t4i: 3 expert-parallel ranks cannot split"),
     (["--expert-model-parallel-size", "2", "--moma-experts", "dense"],
      "a dense model has no experts to split"),
-    (["--expert-model-parallel-size", "2", "--use-torch-fsdp2"],
-     "--expert-model-parallel-size 2 with --use-torch-fsdp2 is not supported yet"),
+    (["--expert-model-parallel-size", "2", "--deepspeed", "--deepspeed-config", "zero2.json"],
+     "--expert-model-parallel-size 2 with --deepspeed is not supported yet"),
+    (["--expert-model-parallel-size", "2", "--use-torch-fsdp2", "--bf16"],
+     "--expert-model-parallel-size 2 with --use-torch-fsdp2 and --bf16 is not supported yet"),
     (["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be at least 1"),
 ])
 def test_expert_parallel_flag_errors_are_clear(capsys, flags, message):

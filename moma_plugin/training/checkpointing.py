@@ -150,7 +150,28 @@ def full_state(state: Dict[str, Any], directory: Path, tp_rank: int) -> Dict[str
         model, by_name = split_dcp(read_dcp(path))
     except Exception as e:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    # An FSDP2 checkpoint under expert parallelism keeps each expert's moments under its own name.
+    by_name = stack_expert_entries(by_name, state["optimizer"].get("expert_sources", {}))
     return dict(state, model=model, optimizer=numbered_optimizer_state(state["optimizer"], by_name))
+
+
+def stack_expert_entries(by_name: Dict[str, Dict], sources: Dict[str, List[str]]) -> Dict[str, Dict]:
+    """``by_name`` ({parameter name: its optimizer state}) with the per-expert entries of each stacked
+    expert parameter (``sources``: {stacked name: its experts' names, in order}) stacked under the
+    stacked name; scalar entries (Adam's ``step``) are taken from the stacked name's own entry or
+    from the first expert. Stacked parameters whose experts are not all there are left alone."""
+    for stacked, per_expert in sources.items():
+        if not all(name in by_name for name in per_expert):
+            continue
+        entries = [by_name.pop(name) for name in per_expert]
+        merged = dict(by_name.get(stacked, {}))
+        for key, value in entries[0].items():
+            if torch.is_tensor(value) and value.dim():
+                merged[key] = torch.stack([e[key] for e in entries])
+            else:
+                merged.setdefault(key, value)
+        by_name[stacked] = merged
+    return by_name
 
 
 def numbered_optimizer_state(optimizer: Dict[str, Any], by_name: Dict[str, Any]) -> Dict[str, Any]:

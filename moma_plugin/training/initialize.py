@@ -229,16 +229,23 @@ def build_model(args, layout, parallel: Parallel):
 
 def build_optimizer(model, args):
     """AdamW with Megatron's parameter groups (no weight decay on biases and norm weights), with
-    torch's fused kernel where it has one for the parameters' device (CPU and CUDA), else foreach.
-    Groups carry the parameters' names, which checkpoints keep (``checkpointing.load_optimizer_state``)."""
+    torch's fused kernel where it has one for the parameters' device (CPU and CUDA), else foreach;
+    parameter by parameter where FSDP2's DTensors sit beside plain tensors (the experts it leaves to
+    expert parallelism), which neither kernel takes in one call. Groups carry the parameters' names,
+    which checkpoints keep (``checkpointing.load_optimizer_state``)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.dim() == 1 or name.endswith("bias") else decay).append((name, param))
     groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in decay + no_decay)
+    params = [p for _, p in decay + no_decay]
+    if len({hasattr(p, "device_mesh") for p in params}) > 1:
+        implementation = {"fused": False, "foreach": False}
+    elif all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+        implementation = {"fused": True}
+    else:
+        implementation = {"foreach": True}
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_eps, weight_decay=args.weight_decay,
-                             **({"fused": True} if fused else {"foreach": True}))
+                             eps=args.adam_eps, weight_decay=args.weight_decay, **implementation)
 
 
 def build_scheduler(optimizer, args):

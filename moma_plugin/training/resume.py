@@ -20,8 +20,6 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
 from .. import storage
 from ..cli import UsageError
 
@@ -115,6 +113,7 @@ def _state_by_name_from_positions(saved, saved_model: Dict[str, Any], model) -> 
     ``build_optimizer``'s rule (biases and 1-D tensors without weight decay). The per-expert entries of
     a checkpoint written before the experts' weights were stacked are stacked."""
     from ..experts import stacked_parameter_sources
+    from .checkpointing import stack_expert_entries
 
     sources = stacked_parameter_sources(model)
     expert_names = {name for names in sources.values() for name in names}
@@ -130,12 +129,7 @@ def _state_by_name_from_positions(saved, saved_model: Dict[str, Any], model) -> 
             "moma_plugin version that wrote it")
     ids = [i for g in saved["param_groups"] for i in g["params"]]
     by_name = {name: saved["state"][i] for name, i in zip(decay + no_decay, ids) if i in saved["state"]}
-    for stacked, per_expert in sources.items():
-        entries = [by_name.pop(name) for name in per_expert if name in by_name]
-        if len(entries) == len(per_expert):
-            by_name[stacked] = {key: torch.stack([e[key] for e in entries]) if entries[0][key].dim()
-                                else entries[0][key] for key in entries[0]}
-    return by_name
+    return stack_expert_entries(by_name, sources)
 
 
 def apply_optimizer_values(optimizer, args):

@@ -56,6 +56,23 @@ def total_norm(tensors_kinds: Iterable, parallel) -> float:
     return float(squares.sum().sqrt())
 
 
+def reduce_expert_gradients(params: List[torch.nn.Parameter], parallel):
+    """After the last micro-batch: the gradients of expert-parallel ``params`` (each owner's already
+    sums every EP rank's tokens) summed over the expert-data-parallel group and divided by the
+    data-parallel size, as the engines average the other gradients."""
+    for p in params:  # the same tensors on every rank, whatever its tokens
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if parallel.dp // parallel.ep > 1:
+        torch.distributed.all_reduce(flat, group=parallel.expert_dp_group)
+    flat /= parallel.dp
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(part.view_as(grad))
+
+
+@torch.no_grad()
 def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group) -> int:
     """Sums over the TP group the gradients of parameters flagged ``sequence_parallel`` (norms and
     row-parallel biases under sequence parallelism: each TP rank saw only its chunk of the sequence,

@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ...expert_parallel import is_expert_parallel
-from .base import Engine
+from .base import Engine, reduce_expert_gradients
 
 
 class DDPEngine(Engine):
@@ -51,19 +51,7 @@ class DDPEngine(Engine):
         with nullcontext() if last or self.module is self.model else self.module.no_sync():
             yield
         if last and self.expert_params:
-            self._reduce_expert_gradients()
-
-    def _reduce_expert_gradients(self):
-        for p in self.expert_params:  # the same tensors on every rank, whatever its tokens
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.expert_params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if self.parallel.dp // self.parallel.ep > 1:
-            torch.distributed.all_reduce(flat, group=self.parallel.expert_dp_group)
-        flat /= self.parallel.dp
-        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(part.view_as(grad))
+            reduce_expert_gradients(self.expert_params, self.parallel)
 
     def describe(self) -> str:
         return "ddp (torch DistributedDataParallel" + (", bf16 autocast" if self.dtype else "") + ")"

@@ -19,20 +19,30 @@ forward`` keeps each layer's gathered parameters from forward to backward (more 
 fewer per layer). Clipping: torch's norm over the DTensor gradients (the whole mesh), TP shards
 summed over the tensor-parallel group.
 
+Expert parallelism: the experts' stacked weights, already split over the EP ranks, stay out of
+FSDP2 (``ignored_params``): each EP rank keeps its experts whole, replicated over the expert-data-
+parallel group (with EP = DP each rank holds 1/DP of them, as sharded as FSDP2 would make them),
+and after the last micro-batch their gradients are summed over that group and divided by the
+data-parallel size, as under the ddp engine (``base.reduce_expert_gradients``).
+
 Checkpoints: each rank writes its shards of the weights and Adam moments into the iteration's
 ``dcp/mp_rank_NN/`` (torch.distributed.checkpoint over the data-parallel group; the stacked expert
-weights under their stacked names), and nothing is gathered. Loading reads the shards each rank
-now holds, whatever the number of ranks that wrote them. A checkpoint with whole tensors (the ddp
-engine's) loads too: the weights before sharding, the moments split on loading.
+weights under their stacked names, or under expert parallelism one entry per expert under its
+global name, ``...experts.image.3.linear_fc1.weight``, written once by one of the ranks holding it),
+and nothing is gathered. Loading reads the shards each rank now holds, whatever the number of ranks
+(and the EP size) that wrote them. A checkpoint with whole tensors (the ddp engine's) loads too:
+the weights before sharding, the moments split on loading.
 """
 
 from contextlib import contextmanager
 
 import torch
 
+from ...expert_parallel import is_expert_parallel, local_rows
+from ...experts import stacked_parameter_sources
 from .. import checkpointing
 from ..checkpointing import MODEL_PREFIX, OPTIMIZER_PREFIX, CheckpointError
-from .base import Engine
+from .base import Engine, reduce_expert_gradients
 
 
 def _mesh(parallel):
@@ -55,17 +65,37 @@ def shard_model(model, parallel, bf16: bool, reshard_after_forward: bool, aux_un
     # attributes: those that clipping (TP shards) and the SP gradient sum read are carried over.
     kept = {name: {a: getattr(p, a) for a in _KEPT_ATTRIBUTES if hasattr(p, a)}
             for name, p in model.named_parameters()}
+    experts = {p for p in model.parameters() if is_expert_parallel(p)}  # left to EP (docstring)
+    ignored = {"ignored_params": experts} if experts else {}
     for layer in model.decoder.layers:
         # Trained jointly, aux routers also run after their layer's forward (their loss is computed
         # when the loop pops it): each is then a unit of its own, gathered when it runs.
         for _, router in aux_routers(layer) if aux_units else ():
             fully_shard(router, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    **ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                **ignored)
     for name, param in model.named_parameters():
         for attribute, value in kept.get(name, {}).items():
             setattr(param, attribute, value)
     return mesh
+
+
+def _shard_like(whole, param):
+    """This rank's shard of the whole tensor ``whole``, placed as the DTensor ``param``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+
+
+def _local(tensor):
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _zeros(meta):
+    """A whole tensor of a DCP entry's size and dtype."""
+    return torch.zeros(meta.size, dtype=meta.properties.dtype)
 
 
 _KEPT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
@@ -77,6 +107,13 @@ class FSDP2Engine(Engine):
     def __init__(self, model, args, parallel, build_optimizer):
         super().__init__(model, args, parallel)
         self.bf16 = args.bf16
+        self.expert_params = [p for p in model.parameters() if is_expert_parallel(p)]
+        # {stacked expert parameter split over EP ranks: the names of the experts this rank holds}
+        expert_names = {name for name, p in model.named_parameters() if is_expert_parallel(p)}
+        self.expert_sources = {name: keys for name, keys in stacked_parameter_sources(model).items()
+                               if name in expert_names}
+        self.every_expert = {name: keys for name, keys in
+                             stacked_parameter_sources(model, every=True).items() if name in expert_names}
         self.mesh = shard_model(model, parallel, args.bf16, args.torch_fsdp2_reshard_after_forward,
                                 aux_units=args.aux_router_joint)
         self.optimizer = build_optimizer(model, args)
@@ -88,18 +125,32 @@ class FSDP2Engine(Engine):
             yield
         finally:
             self.model.set_requires_gradient_sync(True)
+        if last and self.expert_params:
+            reduce_expert_gradients(self.expert_params, self.parallel)
 
     # -- checkpoints: sharded (see the module docstring) ---------------------------------------------
     def model_state_dict(self):
         return None  # in the DCP directory
 
     def optimizer_state_dict(self):
-        return {"state": None, "param_groups": self.optimizer.state_dict()["param_groups"]}
+        state = {"state": None, "param_groups": self.optimizer.state_dict()["param_groups"]}
+        if self.every_expert:  # how readers of the whole checkpoint restack the experts' moments
+            state["expert_sources"] = self.every_expert
+        return state
+
+    def _per_expert(self, name: str, tensor):
+        """{DCP name: tensor} of a weight or moment: one entry per expert for the stacked experts
+        split over EP ranks (views of ``tensor``'s rows), else the tensor under ``name``."""
+        if name not in self.expert_sources or tensor.dim() == 0:
+            return {name: tensor}
+        return dict(zip(self.expert_sources[name], tensor.unbind(0)))
 
     def _model_tensors(self):
         """{name: this rank's DTensor} of the weights and persistent buffers (the stacked experts'
-        parameters as they are, not their per-expert views)."""
-        tensors = {name: param.detach() for name, param in self.model.named_parameters()}
+        parameters as they are, not their per-expert views; under EP one view per expert)."""
+        tensors = {}
+        for name, param in self.model.named_parameters():
+            tensors.update(self._per_expert(name, param.detach()))
         for module_name, module in self.model.named_modules():
             for name, buffer in module._buffers.items():
                 if buffer is not None and name not in module._non_persistent_buffers_set:
@@ -112,7 +163,8 @@ class FSDP2Engine(Engine):
         for param, entry in self.optimizer.state.items():
             for key, value in entry.items():
                 if torch.is_tensor(value):
-                    tensors[f"{OPTIMIZER_PREFIX}{names[param]}/{key}"] = value
+                    for name, part in self._per_expert(names[param], value).items():
+                        tensors[f"{OPTIMIZER_PREFIX}{name}/{key}"] = part
         checkpointing.write_dcp(tensors, checkpointing.dcp_dir(staging, self.parallel.tp_rank),
                                 group=self.parallel.dp_group)
         return checkpointing.DCP_DIR
@@ -122,36 +174,83 @@ class FSDP2Engine(Engine):
             return super().load_checkpoint(state, directory)
         path = checkpointing.dcp_dir(directory, self.parallel.tp_rank)
         saved = checkpointing.dcp_keys(path)
-        model = self._model_tensors()
-        missing = [k for k in model if MODEL_PREFIX + k not in saved and "aux_router" not in k]
+        weights, restacked, place_experts = self._weight_targets(saved)
+        missing = [k for k in weights if MODEL_PREFIX + k not in saved and "aux_router" not in k]
         if missing:
             raise CheckpointError(f"{path} lacks weights of this model ({', '.join(missing[:3])}); "
                                   "build the model with the checkpoint's flags")
-        targets = {MODEL_PREFIX + k: t for k, t in model.items() if MODEL_PREFIX + k in saved}
-        params = dict(self.model.named_parameters())
-        for key, meta in saved.items():
-            if key.startswith(OPTIMIZER_PREFIX):
-                param = params[key[len(OPTIMIZER_PREFIX):].rsplit("/", 1)[0]]
-                targets[key] = torch.zeros_like(param.detach()) if tuple(meta.size) == tuple(param.shape) \
-                    else torch.zeros(meta.size, dtype=meta.properties.dtype)
+        targets = {MODEL_PREFIX + k: t for k, t in weights.items() if MODEL_PREFIX + k in saved}
+        targets.update(self._moment_targets(saved, restacked))
         checkpointing.read_dcp(path, targets, group=self.parallel.dp_group)  # into the shards
+        place_experts()
         _, by_name = checkpointing.split_dcp(targets)
+        by_name = checkpointing.stack_expert_entries(by_name, restacked)
         optimizer = checkpointing.numbered_optimizer_state(state["optimizer"], by_name)
         super().load_checkpoint(dict(state, optimizer=optimizer), directory)
 
+    def _weight_targets(self, saved):
+        """(``{name: tensor DCP reads it into}`` of the weights, ``{stacked expert parameter: the
+        per-expert entries it is read from}``, what puts experts read elsewhere in place). The
+        weights are read into the parameters themselves, except where the checkpoint's experts are
+        laid out otherwise than this model's: stacked (written without EP) for experts split over
+        EP ranks (read whole, this rank's rows kept), or one entry per expert (written under EP)
+        for stacked DTensors (read whole, stacked, this rank's shard kept)."""
+        weights, params = self._model_tensors(), dict(self.model.named_parameters())
+        whole, split = {}, {}
+        for name, experts in stacked_parameter_sources(self.model, every=True).items():
+            if name in self.expert_sources:
+                if MODEL_PREFIX + self.expert_sources[name][0] not in saved and MODEL_PREFIX + name in saved:
+                    for expert in self.expert_sources[name]:
+                        del weights[expert]
+                    weights[name] = whole[name] = _zeros(saved[MODEL_PREFIX + name])
+            elif MODEL_PREFIX + name not in saved and MODEL_PREFIX + experts[0] in saved:
+                del weights[name]
+                split[name] = experts
+                weights.update({expert: _zeros(saved[MODEL_PREFIX + expert]) for expert in experts})
+
+        @torch.no_grad()
+        def place_experts():
+            for name, full in whole.items():
+                params[name].copy_(local_rows(full, params[name]))
+            for name, experts in split.items():
+                stacked = torch.stack([weights[expert] for expert in experts])
+                _local(params[name]).copy_(_local(_shard_like(stacked, params[name])))
+
+        return weights, {**self.expert_sources, **split}, place_experts
+
+    def _moment_targets(self, saved, restacked):
+        """{DCP key: tensor to read it into} of the optimizer state: a parameter's moments into
+        tensors shaped (and sharded) like it, or whole where the checkpoint's shape differs; one
+        expert's moments (written under EP) by the ranks that read that expert."""
+        params = dict(self.model.named_parameters())
+        wanted = {expert for experts in restacked.values() for expert in experts}
+        targets = {}
+        for key, meta in saved.items():
+            if not key.startswith(OPTIMIZER_PREFIX):
+                continue
+            name = key[len(OPTIMIZER_PREFIX):].rsplit("/", 1)[0]
+            param = params.get(name)
+            if param is not None and tuple(meta.size) == tuple(param.shape):
+                targets[key] = torch.zeros_like(param.detach())
+            elif param is not None or name in wanted:
+                targets[key] = _zeros(meta)
+        return targets
+
     def load_optimizer_state_dict(self, state):
-        """Moments in: whole tensors (a ddp checkpoint) are split into this rank's shards; shards (a
-        DCP checkpoint) are kept."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        """Moments in: whole tensors (a ddp checkpoint) are split into this rank's shards (the
+        experts left to EP: their rows); shards (a DCP checkpoint) are kept."""
+        from torch.distributed.tensor import DTensor
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for index, entry in state["state"].items():
             param = params[index]
             for key, value in list(entry.items()):
-                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.dim() > 0 \
-                        and value.shape == param.shape:
-                    entry[key] = distribute_tensor(value.to(param.device), param.device_mesh,
-                                                   param.placements)
+                if not torch.is_tensor(value) or isinstance(value, DTensor) or value.dim() == 0:
+                    continue
+                if is_expert_parallel(param):
+                    entry[key] = local_rows(value, param).to(param.device)
+                elif isinstance(param, DTensor) and value.shape == param.shape:
+                    entry[key] = _shard_like(value, param)
         self.optimizer.load_state_dict(state)
 
     def describe(self) -> str:
