@@ -9,17 +9,18 @@ context, full recompute by 'uniform' or 'block', final norm) without CUDA graphs
 """
 
 from contextlib import nullcontext
-from dataclasses import replace
 from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import Fp8Recipe
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import transformer_block
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.utils import make_viewless_tensor
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
 from .layout import ModalityLayout
@@ -39,15 +40,20 @@ def _quantization_contexts(config):
 class MoMaTransformerBlock(TransformerBlock):
     """Transformer block of ``MoMaTransformerLayer``s; ``forward(..., modality_layout=...)``."""
 
-    def __init__(self, config, spec, *args, **kwargs):
-        if isinstance(spec, ModuleSpec) and transformer_block.LayerNormImpl is WrappedTorchNorm:
-            # Megatron's block would give a layer spec torch's norm as the final norm, which
+    def __init__(self, config, spec, *args, pg_collection=None, vp_stage=None, **kwargs):
+        if (config.sequence_parallel and isinstance(spec, ModuleSpec)
+                and issubclass(spec.module, BaseTransformerLayer)
+                and transformer_block.LayerNormImpl is WrappedTorchNorm):
+            # For a layer spec Megatron's block builds torch's norm as the final norm, which
             # refuses sequence parallelism: the local spec's own norm takes it.
             from .specs import SequenceParallelTorchNorm
 
-            spec = transformer_block._get_block_submodules(config, spec, kwargs.get("vp_stage"))
-            spec = replace(spec, layer_norm=SequenceParallelTorchNorm)
-        super().__init__(config, spec, *args, **kwargs)
+            pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+            pp_rank = get_pg_rank(getattr(pg_collection, "pp", None))
+            spec = TransformerBlockSubmodules(
+                layer_specs=[spec] * transformer_block.get_num_layers_to_build(config, vp_stage, pp_rank),
+                layer_norm=SequenceParallelTorchNorm)
+        super().__init__(config, spec, *args, pg_collection=pg_collection, vp_stage=vp_stage, **kwargs)
         unsupported = [
             flag for flag in ("fp4", "cpu_offloading", "fine_grained_activation_offloading")
             if getattr(self.config, flag, False)

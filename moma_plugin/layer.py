@@ -38,7 +38,7 @@ from .attention import KVCache, SDPACoreAttention
 from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import MoMaConfig
 from .layout import ModalityLayout, count_ids, narrow_layout
-from .moma_mlp import GroupRouter, MoMaMLP
+from .moma_mlp import GroupRouter, MoMaMLP, sequence_parallel_group
 from .routing import sigmoid_scores
 
 
@@ -214,11 +214,7 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
         return output, context
 
     def _sequence_parallel_group(self):
-        """The TP group when the layer's input is split along the sequence (SP with TP > 1), else None."""
-        tp_group = self.pg_collection.tp
-        if self.config.sequence_parallel and tp_group is not None and tp_group.size() > 1:
-            return tp_group
-        return None
+        return sequence_parallel_group(self.config, self.pg_collection.tp)
 
     @torch.no_grad()
     def _top_scored(self, x_TH: Tensor) -> Tensor:
@@ -269,7 +265,7 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
         packed_index_K, counts_B = pack_by_sample(selected_K, batch)
         packed_len, *selected_per_modality = torch.cat([counts_B.max().reshape(1), selected_M]).tolist()
         # Under SP the sublayers take the packed sequence split over TP ranks: a multiple of tp long.
-        tp_group = None if kv_cache is not None else self._sequence_parallel_group()
+        tp_group = self._sequence_parallel_group()
         if tp_group is not None:
             packed_len = -(-packed_len // tp_group.size()) * tp_group.size()
         x_KH = x_TH.index_select(0, selected_K)
@@ -341,6 +337,10 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
         the causal routing mode (a MoD layer keeps a token iff its aux router says so)."""
         if self.routing_mode != "causal":
             raise RuntimeError("decoding needs causal routing: set_routing_mode(model, 'causal').")
+        if self._sequence_parallel_group() is not None:
+            raise NotImplementedError(
+                "KV-cache decoding does not run under sequence parallelism; build the model with "
+                "sequence_parallel=False (the weights are the same; moma-generate does so).")
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         if self.is_mod:
             selected_K = self._aux_selected(x_TH, valid_T)

@@ -65,6 +65,14 @@ class GroupRouter(torch.nn.Module):
         return torch.nn.functional.linear(x_TH, self.weight)
 
 
+def sequence_parallel_group(config, tp_group):
+    """``tp_group`` when a layer's input is this TP rank's chunk of the sequence (sequence
+    parallelism with TP > 1), else None."""
+    if config.sequence_parallel and tp_group is not None and tp_group.size() > 1:
+        return tp_group
+    return None
+
+
 @dataclass
 class RoutingPlan:
     """Which token each expert slot holds, over all groups, sorted by expert."""
@@ -144,20 +152,19 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         Under sequence parallelism the input is this TP rank's chunk [s/tp, b, H]: the chunks are
         gathered, so routing sees every token as without it, the layer runs as at TP without SP (the
         experts' FFN width split, their outputs all-reduced), and each rank keeps its output chunk.
-        The gathered sequence may end in fewer than tp rows of padding beyond the layout's tokens (a
-        Mixture-of-Depths layer pads its selected tokens to a multiple of tp): they are not routed
-        and come out as zeros."""
-        sequence_parallel = self.config.sequence_parallel and self.tp_group is not None \
-            and self.tp_group.size() > 1
-        if not sequence_parallel:
+        The gathered sequence holds the layout's tokens padded to a multiple of tp (a
+        Mixture-of-Depths layer pads its selected tokens so): the padding rows are not routed and
+        come out as zeros."""
+        tp_group = sequence_parallel_group(self.config, self.tp_group)
+        if tp_group is None:
             return self._forward_tokens(hidden_states), None
         # Backward: the gradient of the gathered input is whole on every rank: each keeps its chunk.
         full = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
-                                                    group=self.tp_group)
-        out = self._forward_tokens(full, padding=self.tp_group.size() - 1)
-        return scatter_to_sequence_parallel_region(out, group=self.tp_group), None
+                                                    group=tp_group)
+        out = self._forward_tokens(full, multiple_of=tp_group.size())
+        return scatter_to_sequence_parallel_region(out, group=tp_group), None
 
-    def _forward_tokens(self, hidden_states: Tensor, padding: int = 0) -> Tensor:
+    def _forward_tokens(self, hidden_states: Tensor, multiple_of: int = 1) -> Tensor:
         layout = self._layout
         if layout is None:
             raise RuntimeError(
@@ -166,7 +173,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
                 "modality_layout=moma_plugin.build_modality_layout(modality_ids_SB, num_modalities)."
             )
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if not 0 <= x_TH.shape[0] - layout.num_tokens <= padding:
+        if x_TH.shape[0] != -(-layout.num_tokens // multiple_of) * multiple_of:
             raise ValueError(
                 f"modality layout has {layout.num_tokens} tokens but the layer got {x_TH.shape[0]} "
                 "(s*b). Modality ids must have the same [b, s] shape as the input ids."

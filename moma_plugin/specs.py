@@ -53,10 +53,13 @@ class SequenceParallelTorchNorm:
         if not config.sequence_parallel:
             return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
         kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
-        if config.normalization not in kinds or config.layernorm_zero_centered_gamma:
+        unsupported = [flag for flag in ("layernorm_zero_centered_gamma", "persist_layer_norm",
+                                         "memory_efficient_layer_norm") if getattr(config, flag, False)]
+        if config.normalization not in kinds or unsupported:
             raise NotImplementedError(
-                f"the local spec's norm under sequence parallelism takes LayerNorm or RMSNorm without "
-                f"zero-centred gamma, not {config.normalization!r}; use Transformer Engine's spec.")
+                f"the local spec's norm under sequence parallelism takes LayerNorm or RMSNorm "
+                f"(normalization={config.normalization!r}) without {unsupported or 'other options'}; "
+                "turn those off or use Transformer Engine's spec.")
         norm = kinds[config.normalization](hidden_size, eps=eps)
         for param in norm.parameters():
             param.sequence_parallel = True

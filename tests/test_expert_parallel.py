@@ -18,7 +18,8 @@ from .test_moma_mlp import _inputs
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
         "--no-progress-bar", "--log-interval", "1", "--eval-interval", "100", "--micro-batch-size", "1",
-        "--global-batch-size", "8", "--mod-interval", "2", "--mod-capacity", "0.5", "--aux-router-joint"]
+        "--global-batch-size", "8", "--mod-interval", "2", "--mod-capacity", "0.5", "--aux-router-joint",
+        "--clip-grad", "0.5"]  # below these runs' gradient norms: every step clips
 
 
 def test_each_ep_rank_holds_a_block_of_every_group():
@@ -160,6 +161,13 @@ def _argv(name: str, world: int, workdir: str):
         "ep2-ddp-to-fsdp2": (2, [*base(2, 4), *ep(2), *fsdp2, "--load", f"{workdir}/ep2", "--ckpt-step",
                                  "2", "--save", f"{workdir}/ddp-to-fsdp2"]),
         "ep2-dp4-fsdp2": (4, [*base(4, 4), *ep(2), *fsdp2, "--no-save"]),
+        "ep2-dp4-fsdp2-stop": (4, [*base(4, 4), *ep(2), *fsdp2, "--exit-interval", "2",
+                                   "--save", f"{workdir}/ep2dp4f"]),
+        "ep2-dp4-fsdp2-resumed": (4, [*base(4, 4), *ep(2), *fsdp2, "--save", f"{workdir}/ep2dp4f"]),
+        # FSDP2 without EP (stacked experts sharded by FSDP2), resumed by FSDP2 at EP 2
+        "fsdp2-half": (1, [*base(1, 4), *fsdp2, "--exit-interval", "2", "--save", f"{workdir}/f1"]),
+        "fsdp2-to-ep2-fsdp2": (2, [*base(2, 4), *ep(2), *fsdp2, "--load", f"{workdir}/f1", "--save",
+                                   f"{workdir}/f1to2"]),
         "ep2-fsdp2-to-ep4": (4, [*base(4, 4), *ep(4), *fsdp2, "--load", f"{workdir}/ep2f", "--ckpt-step",
                                  "2", "--save", f"{workdir}/f2to4"]),
         "ep2-fsdp2-to-ep1": (1, [*base(1, 4), "--load", f"{workdir}/ep2f", "--ckpt-step", "2",
@@ -169,10 +177,11 @@ def _argv(name: str, world: int, workdir: str):
     }
 
 
-STAGES = [(1, ["ref", "ref-half"]),
+STAGES = [(1, ["ref", "ref-half", "fsdp2-half"]),
           (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2", "tp2-sp", "tp2-sp-fsdp2", "ep2-fsdp2",
-               "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2"]),
-          (4, ["tp2-ep2", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-fsdp2-to-ep4"]),
+               "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2", "fsdp2-to-ep2-fsdp2"]),
+          (4, ["tp2-ep2", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-dp4-fsdp2-stop",
+               "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4"]),
           (1, ["ep2-to-ep1", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1"])]
 
 
@@ -224,7 +233,7 @@ def test_expert_parallel_training_equals_one_process(runs, name):
         assert norms[i] == pytest.approx(reference_norms[i], rel=1e-5), (name, i)
 
 
-@pytest.mark.parametrize("engine", ["", "-fsdp2"])
+@pytest.mark.parametrize("engine", ["", "-fsdp2", "-dp4-fsdp2"])  # -dp4: expert-DP 2
 def test_resume_under_expert_parallelism_is_exact(runs, engine):
     straight, stop, resumed = (runs[f"ep2{engine}"][0], runs[f"ep2{engine}-stop"],
                                runs[f"ep2{engine}-resumed"][0])
@@ -233,7 +242,8 @@ def test_resume_under_expert_parallelism_is_exact(runs, engine):
 
 
 @pytest.mark.parametrize("name", ["ep1-to-ep2", "ep2-to-ep1", "ep2-to-ep4", "ep2-ddp-to-fsdp2",
-                                  "ep2-fsdp2-to-ep4", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1"])
+                                  "ep2-fsdp2-to-ep4", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1",
+                                  "fsdp2-to-ep2-fsdp2"])
 def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
     """Saved at EP 1 or 2 after iteration 2 (ddp engine: every expert in the rank file; FSDP2: one
     DCP entry per expert), resumed at EP 2, 1 and 4, by either engine: iterations 3 and 4 as the run

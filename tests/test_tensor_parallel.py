@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import moma_plugin as mp
+from moma_plugin import layer as layer_module
 from moma_plugin import moma_mlp as moma_mlp_module
 from moma_plugin.experts import _tp_shard
 
@@ -174,7 +175,23 @@ def _rank_main(rank: int, port: int, payload_path: str, result_dir: str):
     batch, loss_weights = payload["batch"], payload["loss_weights"]
     for variant, (overrides, path) in VARIANTS.items():
         sp = overrides.get("sequence_parallel")
-        with sequence_parallel_stand_ins() if sp else contextlib.nullcontext():
+        # MoD layers: the longest sample's count of chosen tokens, and under SP the (rows, batch)
+        # of the sequence each sublayer got.
+        packed_lengths, split_lengths = [], []
+        original_pack, original_split = layer_module.pack_by_sample, layer_module._split_sequence
+
+        def recording_pack(selected_K, batch):
+            packed_index_K, counts_B = original_pack(selected_K, batch)
+            packed_lengths.append(int(counts_B.max()))
+            return packed_index_K, counts_B
+
+        def recording_split(sublayer, x_SBH, tp_group):
+            split_lengths.append(tuple(x_SBH.shape[:2]))
+            return original_split(sublayer, x_SBH, tp_group)
+
+        with sequence_parallel_stand_ins() if sp else contextlib.nullcontext(), \
+                mock.patch.object(layer_module, "pack_by_sample", recording_pack), \
+                mock.patch.object(layer_module, "_split_sequence", recording_split):
             model = tiny_model(tiny_config(tensor_model_parallel_size=TP, **overrides),
                                vocab_size=VOCAB, seq_length=SEQ, seed=1000 + rank)
             params = dict(model.named_parameters())
@@ -185,6 +202,14 @@ def _rank_main(rank: int, port: int, payload_path: str, result_dir: str):
             )
             logits, loss, grads, calls = run_variant(
                 model, batch, loss_weights, path, tp_group=parallel_state.get_tensor_model_parallel_group())
+        decode_refusal = None
+        if sp:  # KV-cache decoding says it does not run under SP (moma-generate turns SP off)
+            layer = model.decoder.layers[0]
+            layer.routing_mode = "causal"  # (its aux routers are untrained: set on the layer alone)
+            try:
+                layer.decode(None, None, None, None, None)
+            except NotImplementedError as e:
+                decode_refusal = str(e)
         pieces = [torch.empty_like(logits) for _ in range(TP)]
         torch.distributed.all_gather(pieces, logits.contiguous())  # vocab shards, in rank order
         torch.save(
@@ -196,6 +221,9 @@ def _rank_main(rank: int, port: int, payload_path: str, result_dir: str):
                 "splits": {n: (p.partition_dim, p.partition_stride) for n, p in params.items()
                            if getattr(p, "tensor_model_parallel", False)},
                 "calls": calls,
+                "packed_lengths": packed_lengths,
+                "split_lengths": split_lengths,
+                "decode_refusal": decode_refusal,
             },
             os.path.join(result_dir, f"{variant}-rank{rank}.pt"),
         )
@@ -309,6 +337,27 @@ def test_tp2_matches_tp1(tp_results, variant):
             assert scale > 0 and grad.abs().max() > 0, (where, name)
             torch.testing.assert_close(grad, expected, rtol=1e-5, atol=2e-5 * scale,
                                        msg=lambda m, name=name: f"{where}: grad of {name}\n{m}")
+
+
+def test_sequence_parallel_mod_layer_pads_attention_and_mlp_inputs(tp_results):
+    """The 'sp-mod' variant exercises both paddings to a multiple of TP: the packed sequence of
+    attention ([s', b], s' the longest sample's count of chosen tokens: odd here) and the chosen
+    tokens of the MLP ([k, 1], k odd)."""
+    _, ranks = tp_results["sp-mod"]
+    for result in ranks:
+        packed, lengths = result["packed_lengths"], result["split_lengths"]
+        attention = [s for s, b in lengths if b == BATCH]
+        assert any(p % TP for p in packed), packed
+        assert attention == [-(-p // TP) * TP for p in packed], (packed, attention)
+        assert any(b == 1 and s % TP for s, b in lengths), lengths
+
+
+@pytest.mark.parametrize("variant", ["sp-chunked", "sp-mod"])
+def test_kv_cache_decoding_under_sequence_parallelism_is_refused(tp_results, variant):
+    for result in tp_results[variant][1]:
+        assert result["decode_refusal"].startswith(
+            "KV-cache decoding does not run under sequence parallelism; build the model with "
+            "sequence_parallel=False"), result["decode_refusal"]
 
 
 @pytest.mark.parametrize("variant", OWN_GROUP_VARIANTS)

@@ -4,14 +4,15 @@ Sharding plan: one FSDP unit per transformer layer (and under ``--aux-router-joi
 router), and one for the root
 (embedding, final norm, output layer, and with tied embeddings the shared weight, which must stay in
 one unit). A layer's unit holds its attention, its router(s), all of its experts of every modality
-group (the stacked expert weights are one parameter per layer) and its Mixture-of-Depths router.
+group (the stacked expert weights are one parameter per layer; under expert parallelism they stay
+out, see below) and its Mixture-of-Depths router.
 Jointly trained aux routers are units of their own because their losses are computed after the
 layer's forward (outside any activation checkpoint: ``aux_router.PendingAuxLoss``); otherwise they
 run inside their layer's forward (causal routing) and belong to its unit. Every rank gathers and
 reduce-scatters the same tensors in the same order whatever tokens it holds: the experts always run
 (with zero tokens if need be), and so does every aux router, so a rank whose micro-batch has no image
 tokens takes part in the same collectives as the others. Each parameter is sharded on its first
-dimension (the experts' dimension for stacked experts).
+dimension (the experts' dimension for stacked experts without expert parallelism).
 
 ``--bf16``: a ``MixedPrecisionPolicy`` gathers bf16 parameters for compute and reduces gradients in
 fp32; the sharded parameters and the optimizer state stay fp32. ``--torch-fsdp2-no-reshard-after-
@@ -51,6 +52,9 @@ def _mesh(parallel):
 
     ranks = torch.distributed.get_process_group_ranks(parallel.dp_group)
     return DeviceMesh.from_group(parallel.dp_group, parallel.device.type, mesh=ranks)
+
+
+_KEPT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
 
 
 def shard_model(model, parallel, bf16: bool, reshard_after_forward: bool, aux_units: bool):
@@ -97,8 +101,6 @@ def _zeros(meta):
     """A whole tensor of a DCP entry's size and dtype."""
     return torch.zeros(meta.size, dtype=meta.properties.dtype)
 
-
-_KEPT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
 
 
 class FSDP2Engine(Engine):
@@ -175,7 +177,11 @@ class FSDP2Engine(Engine):
         path = checkpointing.dcp_dir(directory, self.parallel.tp_rank)
         saved = checkpointing.dcp_keys(path)
         weights, restacked, place_experts = self._weight_targets(saved)
-        missing = [k for k in weights if MODEL_PREFIX + k not in saved and "aux_router" not in k]
+        # Checked on every expert, not only this rank's: every rank stops, or none (read_dcp is a
+        # collective).
+        expected = set(weights).union(*(self.every_expert[name] for name in self.expert_sources
+                                        if self.expert_sources[name][0] in weights))
+        missing = sorted(k for k in expected if MODEL_PREFIX + k not in saved and "aux_router" not in k)
         if missing:
             raise CheckpointError(f"{path} lacks weights of this model ({', '.join(missing[:3])}); "
                                   "build the model with the checkpoint's flags")
