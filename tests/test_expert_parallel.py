@@ -139,6 +139,11 @@ def _argv(name: str, world: int, workdir: str):
         "ep1-to-ep2": (2, [*base(2, 4), *ep(2), "--load", f"{workdir}/ep1", "--save", f"{workdir}/1to2"]),
         # four processes: TP 2 x EP 2, and the EP 2 checkpoint of iteration 2 at EP 4
         "tp2-ep2": (4, [*base(2, 4), *ep(2), "--tensor-model-parallel-size", "2", "--no-save"]),
+        # TP 2 x EP 2 stopped at iteration 2, resumed at TP 2 x EP 1 (two processes)
+        "tp2-ep2-stop": (4, [*base(2, 4), *ep(2), "--tensor-model-parallel-size", "2", "--exit-interval",
+                             "2", "--save", f"{workdir}/tp2ep2"]),
+        "tp2-ep2-to-tp2": (2, [*base(1, 4), "--tensor-model-parallel-size", "2", "--load",
+                               f"{workdir}/tp2ep2", "--save", f"{workdir}/tp2ep2-to-tp2"]),
         # sequence parallelism (CPU stand-ins for its CUDA-bound calls: tests/helpers.py)
         "tp2-sp": (2, [*base(1, 4), "--tensor-model-parallel-size", "2", "--sequence-parallel",
                        "--no-save"]),
@@ -174,26 +179,32 @@ def _argv(name: str, world: int, workdir: str):
                                  "--save", f"{workdir}/f2to1"]),
         "ep2-fsdp2-to-fsdp2-ep1": (1, [*base(1, 4), *fsdp2, "--load", f"{workdir}/ep2f", "--ckpt-step",
                                        "2", "--save", f"{workdir}/f2tof1"]),
+        # the FSDP2 EP 2 checkpoint of iteration 2 converted to the single-file layout, resumed by ddp
+        "ep2-fsdp2-converted-to-ep1": (1, [*base(1, 4), "--load", f"{workdir}/ep2f-converted",
+                                           "--save", f"{workdir}/ep2f-converted"]),
     }
 
 
 STAGES = [(1, ["ref", "ref-half", "fsdp2-half"]),
           (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2", "tp2-sp", "tp2-sp-fsdp2", "ep2-fsdp2",
                "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2", "fsdp2-to-ep2-fsdp2"]),
-          (4, ["tp2-ep2", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-dp4-fsdp2-stop",
+          (4, ["tp2-ep2", "tp2-ep2-stop", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-dp4-fsdp2-stop",
                "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4"]),
-          (1, ["ep2-to-ep1", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1"])]
+          (1, ["ep2-to-ep1", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1", "ep2-fsdp2-converted-to-ep1"]),
+          (2, ["tp2-ep2-to-tp2"])]
 
 
 def _pretrain_rank(rank, world, port, workdir, names):
     _init(rank, world, port, ep=1)
-    from moma_plugin.training import loop
+    from moma_plugin.training import convert, loop
 
     results = {}
     for name in names:
         size, argv = _argv(name, world, workdir)[name]
         assert size == world
         print(f"== {world} process(es): {name}", flush=True)
+        if name == "ep2-fsdp2-converted-to-ep1":  # moma-convert-checkpoint's function
+            convert.convert(f"{workdir}/ep2f", f"{workdir}/ep2f-converted", iteration=2)
         with sequence_parallel_stand_ins() if "--sequence-parallel" in argv else nullcontext():
             result = loop.pretrain([*argv, "--run-dir", f"{workdir}/runs/{name}"])
         records = [json.loads(line) for line in open(f"{workdir}/runs/{name}/metrics.jsonl")]
@@ -243,11 +254,12 @@ def test_resume_under_expert_parallelism_is_exact(runs, engine):
 
 @pytest.mark.parametrize("name", ["ep1-to-ep2", "ep2-to-ep1", "ep2-to-ep4", "ep2-ddp-to-fsdp2",
                                   "ep2-fsdp2-to-ep4", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1",
-                                  "fsdp2-to-ep2-fsdp2"])
+                                  "fsdp2-to-ep2-fsdp2", "ep2-fsdp2-converted-to-ep1", "tp2-ep2-to-tp2"])
 def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
-    """Saved at EP 1 or 2 after iteration 2 (ddp engine: every expert in the rank file; FSDP2: one
-    DCP entry per expert), resumed at EP 2, 1 and 4, by either engine: iterations 3 and 4 as the run
-    that did not stop (1e-5: another number of processes)."""
+    """Saved at EP 1 or 2 (or TP 2 x EP 2) after iteration 2 (ddp engine: every expert in the rank
+    file; FSDP2: one DCP entry per expert; or converted to the single-file layout), resumed at EP 2, 1
+    and 4, by either engine: iterations 3 and 4 as the run that did not stop (1e-5: another number of
+    processes)."""
     reference, (losses, status, _, _) = runs["ref"][0], runs[name]
     assert status == "completed" and sorted(losses) == [3, 4]
     for i in (3, 4):
