@@ -24,6 +24,7 @@ from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
 from .layout import ModalityLayout
+from .specs import SequenceParallelTorchNorm
 
 
 def _quantization_contexts(config):
@@ -46,8 +47,6 @@ class MoMaTransformerBlock(TransformerBlock):
                 and transformer_block.LayerNormImpl is WrappedTorchNorm):
             # For a layer spec Megatron's block builds torch's norm as the final norm, which
             # refuses sequence parallelism: the local spec's own norm takes it.
-            from .specs import SequenceParallelTorchNorm
-
             pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
             pp_rank = get_pg_rank(getattr(pg_collection, "pp", None))
             spec = TransformerBlockSubmodules(

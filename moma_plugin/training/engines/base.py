@@ -56,6 +56,19 @@ def total_norm(tensors_kinds: Iterable, parallel) -> float:
     return float(squares.sum().sqrt())
 
 
+@torch.no_grad()
+def _sum_in_place(tensors: List[torch.Tensor], group, divide_by: float = 1.0):
+    """Each tensor summed over ``group`` (None: not at all) and divided by ``divide_by``, in place,
+    with one all-reduce of them flattened together."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if group is not None:
+        torch.distributed.all_reduce(flat, group=group)
+    if divide_by != 1.0:
+        flat /= divide_by
+    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(part.view_as(tensor))
+
+
 def reduce_expert_gradients(params: List[torch.nn.Parameter], parallel):
     """After the last micro-batch: the gradients of expert-parallel ``params`` (each owner's already
     sums every EP rank's tokens) summed over the expert-data-parallel group and divided by the
@@ -63,30 +76,21 @@ def reduce_expert_gradients(params: List[torch.nn.Parameter], parallel):
     for p in params:  # the same tensors on every rank, whatever its tokens
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if parallel.dp // parallel.ep > 1:
-        torch.distributed.all_reduce(flat, group=parallel.expert_dp_group)
-    flat /= parallel.dp
-    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(part.view_as(grad))
+    group = parallel.expert_dp_group if parallel.dp // parallel.ep > 1 else None
+    _sum_in_place([p.grad for p in params], group, divide_by=parallel.dp)
 
 
 @torch.no_grad()
-def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group) -> int:
+def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group):
     """Sums over the TP group the gradients of parameters flagged ``sequence_parallel`` (norms and
     row-parallel biases under sequence parallelism: each TP rank saw only its chunk of the sequence,
-    so each holds part of the gradient). Returns how many gradients it reduced."""
+    so each holds part of the gradient)."""
+    if tp_group is None or tp_group.size() == 1:
+        return
     grads = [p.grad for p in model.parameters()
              if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or tp_group is None or tp_group.size() == 1:
-        return 0
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this DP shard
-    flat = torch.cat([g.reshape(-1) for g in local])
-    torch.distributed.all_reduce(flat, group=tp_group)
-    for grad, part in zip(local, flat.split([g.numel() for g in local])):
-        grad.copy_(part.view_as(grad))
-    return len(grads)
+    if grads:  # FSDP2: each DTensor's shard on this data-parallel rank
+        _sum_in_place([g.to_local() if hasattr(g, "to_local") else g for g in grads], tp_group)
 
 
 def kind(param):

@@ -102,7 +102,6 @@ def _zeros(meta):
     return torch.zeros(meta.size, dtype=meta.properties.dtype)
 
 
-
 class FSDP2Engine(Engine):
     name = accounting = "fsdp2"
 
