@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from .helpers import (moma_mlp, random_batch, run_mlp, sequence_parallel_stand_i
                       tiny_model)
 from .test_moma_mlp import _inputs
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
         "--no-progress-bar", "--log-interval", "1", "--eval-interval", "100", "--micro-batch-size", "1",
         "--global-batch-size", "8", "--mod-interval", "2", "--mod-capacity", "0.5", "--aux-router-joint",
@@ -128,6 +130,8 @@ def _argv(name: str, world: int, workdir: str):
     base = lambda dp, iters: [*TINY, "--eval-iters", str(8 // dp), "--train-iters", str(iters)]  # noqa: E731
     ep = lambda n: ["--expert-model-parallel-size", str(n)]  # noqa: E731
     fsdp2 = ["--use-torch-fsdp2"]
+    zero = lambda stage: ["--deepspeed", "--deepspeed-config",  # noqa: E731
+                          str(REPO / f"examples/deepspeed/zero{stage}.json")]
     return {
         # one process, every expert: the reference; and its checkpoint at iteration 2
         "ref": (1, [*base(1, 4), "--no-save"]),
@@ -179,6 +183,24 @@ def _argv(name: str, world: int, workdir: str):
                                  "--save", f"{workdir}/f2to1"]),
         "ep2-fsdp2-to-fsdp2-ep1": (1, [*base(1, 4), *fsdp2, "--load", f"{workdir}/ep2f", "--ckpt-step",
                                        "2", "--save", f"{workdir}/f2tof1"]),
+        # DeepSpeed ZeRO-2 and ZeRO-1 with EP (expert parameter groups over expert-DP), against the
+        # same engine without EP (DeepSpeed clips the aux routers with the model): straight, on 4
+        # ranks (EP 2 x expert-DP 2), stopped and resumed
+        "zero2": (2, [*base(2, 4), *zero(2), "--save", f"{workdir}/z2"]),
+        "zero2-bf16": (2, [*base(2, 4), *zero(2), "--bf16", "--no-save"]),
+        "ep2-zero2-bf16": (2, [*base(2, 4), *ep(2), *zero(2), "--bf16", "--no-save"]),
+        "dp4-zero1": (4, [*base(4, 4), *zero(1), "--no-save"]),
+        "ep2-zero2": (2, [*base(2, 4), *ep(2), *zero(2), "--no-save"]),
+        "ep2-zero2-stop": (2, [*base(2, 4), *ep(2), *zero(2), "--exit-interval", "2",
+                               "--save", f"{workdir}/ep2z"]),
+        "ep2-zero2-resumed": (2, [*base(2, 4), *ep(2), *zero(2), "--save", f"{workdir}/ep2z"]),
+        "ep2-dp4-zero1": (4, [*base(4, 4), *ep(2), *zero(1), "--no-save"]),
+        "ep2-dp4-zero1-stop": (4, [*base(4, 4), *ep(2), *zero(1), "--exit-interval", "2",
+                                   "--save", f"{workdir}/ep2dp4z"]),
+        "ep2-dp4-zero1-resumed": (4, [*base(4, 4), *ep(2), *zero(1), "--save", f"{workdir}/ep2dp4z"]),
+        # DeepSpeed's EP 2 checkpoint under DeepSpeed at EP 1: refused (REFUSED)
+        "ep2-zero2-to-ep1": (2, [*base(2, 4), *zero(2), "--load", f"{workdir}/ep2z", "--ckpt-step", "2",
+                                 "--no-save"]),
         # the FSDP2 EP 2 checkpoint of iteration 2 converted to the single-file layout, resumed by ddp
         "ep2-fsdp2-converted-to-ep1": (1, [*base(1, 4), "--load", f"{workdir}/ep2f-converted",
                                            "--save", f"{workdir}/ep2f-converted"]),
@@ -187,11 +209,14 @@ def _argv(name: str, world: int, workdir: str):
 
 STAGES = [(1, ["ref", "ref-half", "fsdp2-half"]),
           (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2", "tp2-sp", "tp2-sp-fsdp2", "ep2-fsdp2",
-               "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2", "fsdp2-to-ep2-fsdp2"]),
+               "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2", "fsdp2-to-ep2-fsdp2", "zero2",
+               "ep2-zero2", "ep2-zero2-stop", "ep2-zero2-resumed", "ep2-zero2-to-ep1", "zero2-bf16", "ep2-zero2-bf16"]),
           (4, ["tp2-ep2", "tp2-ep2-stop", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-dp4-fsdp2-stop",
-               "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4"]),
+               "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4", "dp4-zero1", "ep2-dp4-zero1",
+               "ep2-dp4-zero1-stop", "ep2-dp4-zero1-resumed"]),
           (1, ["ep2-to-ep1", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1", "ep2-fsdp2-converted-to-ep1"]),
           (2, ["tp2-ep2-to-tp2"])]
+REFUSED = {"ep2-zero2-to-ep1"}  # runs whose result is the message that refused them
 
 
 def _pretrain_rank(rank, world, port, workdir, names):
@@ -205,6 +230,11 @@ def _pretrain_rank(rank, world, port, workdir, names):
         print(f"== {world} process(es): {name}", flush=True)
         if name == "ep2-fsdp2-converted-to-ep1":  # moma-convert-checkpoint's function
             convert.convert(f"{workdir}/ep2f", f"{workdir}/ep2f-converted", iteration=2)
+        if name in REFUSED:
+            with pytest.raises(SystemExit) as refusal:
+                loop.pretrain([*argv, "--run-dir", f"{workdir}/runs/{name}"])
+            results[name] = str(refusal.value)
+            continue
         with sequence_parallel_stand_ins() if "--sequence-parallel" in argv else nullcontext():
             result = loop.pretrain([*argv, "--run-dir", f"{workdir}/runs/{name}"])
         records = [json.loads(line) for line in open(f"{workdir}/runs/{name}/metrics.jsonl")]
@@ -244,7 +274,42 @@ def test_expert_parallel_training_equals_one_process(runs, name):
         assert norms[i] == pytest.approx(reference_norms[i], rel=1e-5), (name, i)
 
 
-@pytest.mark.parametrize("engine", ["", "-fsdp2", "-dp4-fsdp2"])  # -dp4: expert-DP 2
+@pytest.mark.parametrize("name, reference, tolerance", [
+    ("ep2-zero2", "zero2", 1e-5), ("ep2-dp4-zero1", "dp4-zero1", 1e-5),
+    ("ep2-zero2-bf16", "zero2-bf16", 2e-3)])  # bf16: the sums' rounding differs with EP
+def test_expert_parallel_under_deepspeed_equals_deepspeed_without_it(runs, name, reference, tolerance):
+    """ZeRO-2 at EP 2 (fp32 and bf16), and ZeRO-1 at EP 2 x expert-DP 2: the experts in DeepSpeed's
+    expert parameter groups, reduced over the expert-data-parallel group, equal the same engine
+    without EP (losses and DeepSpeed's gradient norms; every step clipped). The reference is
+    DeepSpeed's, not one process': DeepSpeed clips the aux routers' gradients with the model's."""
+    (reference, _, reference_norms, parameters), (losses, status, norms, counted) = runs[reference], runs[name]
+    assert counted == parameters and status == "completed" and sorted(losses) == sorted(reference)
+    for i, loss in losses.items():
+        assert loss == pytest.approx(reference[i], rel=tolerance), (name, i)
+        assert norms[i] == pytest.approx(reference_norms[i], rel=tolerance), (name, i)
+
+
+def test_a_deepspeed_expert_parallel_checkpoint_holds_every_expert(runs):
+    """The rank file of DeepSpeed's EP 2 run holds the weights of every expert, as the run without EP
+    holds them (DeepSpeed's own model file holds EP rank 0's only); resuming it at another EP size is
+    refused with a message that says what to do."""
+    def weights(save):
+        path = runs["workdir"] / save / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+    expert_parallel, whole = weights("ep2z"), weights("z2")
+    assert expert_parallel.keys() == whole.keys()
+    assert any(".experts.image.3." in key for key in whole)
+    for key, value in whole.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(expert_parallel[key], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{key}: {m}")
+    refusal = runs["ep2-zero2-to-ep1"]
+    assert "written by DeepSpeed at EP 2 on 2 data-parallel ranks; this run has EP 1 on 2" in refusal
+    assert "--expert-model-parallel-size 2" in refusal and "moma-convert-checkpoint" in refusal
+
+
+@pytest.mark.parametrize("engine", ["", "-fsdp2", "-dp4-fsdp2", "-zero2", "-dp4-zero1"])  # -dp4: expert-DP 2
 def test_resume_under_expert_parallelism_is_exact(runs, engine):
     straight, stop, resumed = (runs[f"ep2{engine}"][0], runs[f"ep2{engine}-stop"],
                                runs[f"ep2{engine}-resumed"][0])
@@ -266,11 +331,11 @@ def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
         assert losses[i] == pytest.approx(reference[i], rel=1e-5), (name, i)
 
 
-@pytest.mark.parametrize("saved", ["ep2", "ep2f"])
+@pytest.mark.parametrize("saved", ["ep2", "ep2f", "ep2z"])
 def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(runs, saved,
                                                                               megatron_single_process):
-    """One process, every expert: the EP 2 checkpoint's rank file (ddp) or DCP entries (FSDP2) hold
-    them all."""
+    """One process, every expert: the EP 2 checkpoint's rank file (ddp, DeepSpeed) or DCP entries
+    (FSDP2) hold them all."""
     from moma_plugin.training import aux_routers, generate
 
     load, out = runs["workdir"] / saved, runs["workdir"] / f"after-{saved}"
@@ -288,8 +353,13 @@ def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(r
      "--expert-model-parallel-size 3 with --moma-experts 4t4i: 3 expert-parallel ranks cannot split"),
     (["--expert-model-parallel-size", "2", "--moma-experts", "dense"],
      "a dense model has no experts to split"),
-    (["--expert-model-parallel-size", "2", "--deepspeed", "--deepspeed-config", "zero2.json"],
-     "--expert-model-parallel-size 2 with --deepspeed is not supported yet"),
+    (["--expert-model-parallel-size", "2", "--deepspeed", "--deepspeed-config",
+      str(REPO / "examples/deepspeed/zero3.json")],
+     "--expert-model-parallel-size 2 with ZeRO stage 3 ("),
+    (["--expert-model-parallel-size", "2", "--deepspeed", "--deepspeed-config", "missing.json"],
+     "--deepspeed-config missing.json: no such file"),
+    (["--expert-model-parallel-size", "2", "--use-megatron-ddp"],
+     "--expert-model-parallel-size 2 with --use-megatron-ddp is not supported yet"),
     (["--expert-model-parallel-size", "2", "--use-torch-fsdp2", "--bf16"],
      "--expert-model-parallel-size 2 with --use-torch-fsdp2 and --bf16 is not supported yet"),
     (["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be at least 1"),

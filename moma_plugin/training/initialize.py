@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from ..cli import UsageError
 from ..data.corpus import BUNDLED, resolve_data_path
 from ..data.dataset import build_datasets
 from ..data.sampler import BalancedSampler, target_shares_from_experts, unmet_bound
+from ..expert_parallel import is_expert_parallel
 from ..model import MoMaGPTModel
 from ..specs import get_moma_layer_spec, transformer_engine_available
 from .checkpointing import from_rank0
@@ -227,16 +228,21 @@ def build_model(args, layout, parallel: Parallel):
     return model.to(parallel.device), config
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, args, expert_group: Optional[Dict] = None):
     """AdamW with Megatron's parameter groups (no weight decay on biases and norm weights), with
     torch's fused kernel where it has one for the parameters' device (CPU and CUDA), else foreach;
     parameter by parameter where FSDP2's DTensors sit beside plain tensors (the experts it leaves to
     expert parallelism), which neither kernel takes in one call. Groups carry the parameters' names,
-    which checkpoints keep (``checkpointing.load_optimizer_state``)."""
+    which checkpoints keep (``checkpointing.load_optimizer_state``). With ``expert_group``, the
+    expert-parallel parameters form groups of their own carrying its keys (DeepSpeed's MoE groups)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.dim() == 1 or name.endswith("bias") else decay).append((name, param))
     groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+    if expert_group is not None:
+        groups = [{**group, "params": [(n, p) for n, p in group["params"] if is_expert_parallel(p) == experts],
+                   **(expert_group if experts else {})} for group in groups for experts in (False, True)]
+        groups = [group for group in groups if group["params"]]
     params = [p for _, p in decay + no_decay]
     if len({hasattr(p, "device_mesh") for p in params}) > 1:
         implementation = {"fused": False, "foreach": False}
@@ -317,8 +323,6 @@ def build_sampler(train_set, args, parallel: Parallel, layout, seed: Optional[in
 def count_parameters(model, parallel: Parallel) -> int:
     """The model's parameters: tensor-parallel shards summed over the TP group, replicated ones once,
     and under expert parallelism every EP rank's experts (each holds an equal block)."""
-    from ..expert_parallel import is_expert_parallel
-
     def numel(sharded: bool, expert: bool) -> float:
         return float(sum(p.numel() for p in model.parameters()
                          if getattr(p, "tensor_model_parallel", False) == sharded

@@ -36,14 +36,26 @@ def check_engine_flags(args, fail):
              "supported (DeepSpeed would need Megatron's groups as its mpu); use the default ddp engine "
              "or --use-torch-fsdp2 with tensor parallelism")
     ep = getattr(args, "expert_model_parallel_size", 1)
-    if ep > 1 and (args.deepspeed or args.use_megatron_ddp):
-        fail(f"--expert-model-parallel-size {ep} with {chosen[0]} is not supported yet (the experts' "
-             "gradients must be reduced over the expert-data-parallel group only); use the default ddp "
-             "engine or --use-torch-fsdp2 with expert parallelism")
+    if ep > 1 and args.use_megatron_ddp:
+        fail(f"--expert-model-parallel-size {ep} with --use-megatron-ddp is not supported yet (the "
+             "experts' gradients must be reduced over the expert-data-parallel group only); use the "
+             "default ddp engine, --use-torch-fsdp2 or --deepspeed (ZeRO-1/2) with expert parallelism")
+    if ep > 1 and args.deepspeed and args.deepspeed_config:
+        from .deepspeed import read_config, zero_stage
+
+        try:
+            stage = zero_stage(read_config(args.deepspeed_config))
+        except UsageError as e:
+            fail(str(e))
+        if stage not in (1, 2):
+            fail(f"--expert-model-parallel-size {ep} with ZeRO stage {stage} ({args.deepspeed_config}) is "
+                 "not supported: DeepSpeed keeps expert parameter groups, reduced over the "
+                 "expert-data-parallel group, under ZeRO-1 and ZeRO-2; use examples/deepspeed/zero1.json "
+                 "or zero2.json (zero_optimization.stage 1 or 2)")
     if ep > 1 and args.use_torch_fsdp2 and args.bf16:
         fail(f"--expert-model-parallel-size {ep} with --use-torch-fsdp2 and --bf16 is not supported yet "
              "(FSDP2 casts the weights it shards to bf16, the experts it leaves to EP stay fp32); use "
-             "the default ddp engine for bf16 with expert parallelism")
+             "the default ddp engine or --deepspeed (ZeRO-1/2) for bf16 with expert parallelism")
     if args.bf16 and args.fp16:
         fail("--bf16 and --fp16 exclude each other; give one")
     if args.fp16 and not args.deepspeed:

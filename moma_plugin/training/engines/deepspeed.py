@@ -19,16 +19,20 @@ aux router runs on every rank. No leaf flags are set, and must not be: the aux r
 computed after their layer's forward (``aux_router.PendingAuxLoss``), and by then a leaf ``MoMaMLP``
 would have released the aux routers' weights. tests/test_engines.py runs a rank without image
 tokens (and one without text) under ZeRO-3.
+
+Expert parallelism (ZeRO-1 and ZeRO-2): the expert weights go into DeepSpeed's MoE parameter groups
+over Megatron's EP and expert-data-parallel groups (``expert_parallel_groups``, ``marked_as_moe``).
 """
 
 import json
 import os
-from contextlib import nullcontext
-from typing import Dict
+from contextlib import contextmanager, nullcontext
+from typing import Dict, Optional
 
 import torch
 
 from ...cli import UsageError
+from ...expert_parallel import is_expert_parallel
 from .base import Engine
 
 
@@ -99,6 +103,65 @@ def zero_stage(config: Dict) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
+# -- expert parallelism: DeepSpeed's MoE parameter groups over Megatron's process groups ------------
+def expert_parallel_groups(model, parallel) -> Optional[Dict]:
+    """With expert parallelism, the keys of the optimizer's expert parameter groups (``moe``, and the
+    group ``name`` DeepSpeed looks its process groups up by), after flagging the expert parameters
+    as DeepSpeed's (``allreduce=False``, ``group_name``) and registering Megatron's EP and
+    expert-data-parallel groups under that name; None without EP."""
+    experts = [p for p in model.parameters() if is_expert_parallel(p)]
+    if not experts:
+        return None
+    from deepspeed.utils import groups
+
+    name, ep, rank = f"ep_size_{parallel.ep}", parallel.ep, torch.distributed.get_rank()
+    ep_ranks = torch.distributed.get_process_group_ranks(parallel.ep_group)
+    expert_dp_ranks = torch.distributed.get_process_group_ranks(parallel.expert_dp_group)
+    # DeepSpeed's checkpoints assume its own layout (get_ep_ranks): EP ranks consecutive, expert-DP
+    # ranks strided by EP. Megatron's is the same at TP 1, which the DeepSpeed engine requires.
+    first = rank - rank % ep
+    if (ep_ranks, expert_dp_ranks) != (list(range(first, first + ep)), list(range(rank % ep, parallel.world, ep))):
+        raise UsageError(f"the EP group {ep_ranks} and expert-data-parallel group {expert_dp_ranks} are "
+                         "not DeepSpeed's layout (EP ranks consecutive, expert-DP ranks strided by EP); "
+                         "run --deepspeed with Megatron's default rank order and TP 1")
+    groups._EXPERT_PARALLEL_GROUP[name] = parallel.ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = parallel.expert_dp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = expert_dp_ranks
+    for p in experts:
+        p.allreduce, p.group_name = False, name
+    return {"moe": True, "name": name}
+
+
+MARKER = "deepspeed_expert_groups"
+
+
+@contextmanager
+def marked_as_moe(model, expert_group: Optional[Dict]):
+    """While open (around ``deepspeed.initialize``), ``model`` holds a parameterless module that
+    DeepSpeed takes for one of its MoE layers: DeepSpeed sets its ZeRO optimizer up with expert
+    parameter groups only for models holding one (``has_moe_layers``). It holds no experts, so
+    DeepSpeed's checkpoints write no per-expert files; the experts are the rank file's."""
+    if expert_group is None:
+        yield
+        return
+    from deepspeed.moe.layer import MoE
+
+    class ExpertGroups(MoE):
+        def __init__(self):
+            torch.nn.Module.__init__(self)  # not MoE's: it builds a gate and experts
+            self.expert_group_name, self.num_experts, self.num_local_experts = expert_group["name"], 0, 0
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False):
+            pass  # the groups are Megatron's, registered by expert_parallel_groups
+
+    model.add_module(MARKER, ExpertGroups())
+    try:
+        yield
+    finally:
+        delattr(model, MARKER)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -113,11 +176,13 @@ class DeepSpeedEngine(Engine):
         if args.fp16 and not fp16_supported():
             raise UsageError(f"--fp16: DeepSpeed does not train fp16 on this {parallel.device.type} "
                              "(on CPU it needs AVX-512 FP16 or AMX-FP16); use --bf16 instead")
-        optimizer = None if "optimizer" in config else build_optimizer(model, args)
-        self.module, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config,
-            model_parameters=None if optimizer is not None else model.parameters(),
-            mpu=None, dist_init_required=False)
+        expert_group = expert_parallel_groups(model, parallel)
+        optimizer = None if "optimizer" in config else build_optimizer(model, args, expert_group)
+        with marked_as_moe(model, expert_group):
+            self.module, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=config,
+                model_parameters=None if optimizer is not None else model.parameters(),
+                mpu=None, dist_init_required=False)
         self.num_micro, self.micro = num_micro, 0
 
     def backward(self, loss):
@@ -145,14 +210,11 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None else float("nan")
 
     def full_model_state_dict(self):
-        """Full weights: gathered from the partitions under ZeRO-3 (every rank calls it); the fp32
-        master weights where DeepSpeed keeps bf16/fp16 copies in the module."""
-        def copy():
-            return {k: v.detach().clone() if torch.is_tensor(v) else v
-                    for k, v in self.model.state_dict().items()}
-
+        """Full weights: gathered from the partitions under ZeRO-3 and over the EP ranks (every rank
+        calls it)."""
         with self.gathered():
-            return copy()
+            return {k: v.detach().clone() if torch.is_tensor(v) else v
+                    for k, v in super().full_model_state_dict().items()}
 
     def gathered(self):
         """Under ZeRO-3 the full parameters while open (a collective), else nothing to do."""
@@ -185,10 +247,24 @@ class DeepSpeedEngine(Engine):
             raise UsageError(f"{directory} was written by the {state.get('engine', 'ddp')} engine: it holds no "
                              f"DeepSpeed state ({self.SUBDIR}/) to resume --deepspeed from; resume it with "
                              "the engine that wrote it (docs/TRAINING.md, \"Engines\")")
+        self._check_same_expert_layout(state, directory)
         path, _ = self.module.load_checkpoint(str(directory), tag=self.SUBDIR, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise UsageError(f"DeepSpeed could not read its state in {directory / self.SUBDIR}")
+
+    def _check_same_expert_layout(self, state, directory):
+        """DeepSpeed's partitions of expert parameter groups follow the EP and data-parallel sizes
+        that wrote them: with EP on either side, both must be the same."""
+        saved_ep = int((state.get("args") or {}).get("expert_model_parallel_size") or 1)
+        saved_dp = len(list((directory / self.SUBDIR).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        if max(saved_ep, self.parallel.ep) > 1 and (saved_ep, saved_dp) != (self.parallel.ep, self.parallel.dp):
+            raise UsageError(
+                f"{directory} was written by DeepSpeed at EP {saved_ep} on {saved_dp} data-parallel ranks; "
+                f"this run has EP {self.parallel.ep} on {self.parallel.dp}. DeepSpeed's optimizer state of "
+                "expert-parallel runs resumes only at the sizes that wrote it. Resume with "
+                f"--expert-model-parallel-size {saved_ep} on {saved_dp} ranks, or take the weights alone "
+                "elsewhere: moma-convert-checkpoint (docs/TRAINING.md, \"Expert parallelism\")")
 
     def describe(self) -> str:
         precision = "bf16" if self.config["bf16"]["enabled"] else "fp16" if self.config["fp16"]["enabled"] \
