@@ -112,6 +112,12 @@ class StackedExperts(torch.nn.Module):
     def num_experts(self) -> int:
         return len(self.expert_names)
 
+    def run(self, runner, x_AH: Tensor, tokens_per_expert: Sequence[int]) -> Tensor:
+        """``runner(x_AH, tokens_per_expert, self)``: every use of the weights goes through here, so
+        an FSDP2 unit of the experts alone (expert parallelism) gathers them around it
+        (``register_fsdp_forward_method``)."""
+        return runner(x_AH, tokens_per_expert, self)
+
     def stacked_parameters(self) -> Dict[str, Tensor]:
         return {name: p for name in _EXPERT_KEYS if (p := getattr(self, name)) is not None}
 

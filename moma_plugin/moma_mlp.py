@@ -253,7 +253,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         # Looked up here at call time, so tests and benchmarks can see which runner ran.
         runner = {"loop": run_experts_loop, "chunked": run_experts_chunked,
                   "grouped": run_experts_grouped, "padded": run_experts_padded}[execution]
-        return runner(x_AH, tokens_per_expert, self.experts)
+        return self.experts.run(runner, x_AH, tokens_per_expert)
 
     @torch.no_grad()
     def _record_metrics(self, layout: ModalityLayout, plan: RoutingPlan):

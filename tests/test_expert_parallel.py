@@ -123,6 +123,44 @@ def test_expert_parallel_mixture_of_depths_model_equals_one_rank():
     run_ranks(_mod_model_rank, (2, free_port()), nprocs=2, timeout_s=180, what="EP 2, MoD model")
 
 
+def _fsdp2_expert_shards_rank(rank, world, port, workdir):
+    """FSDP2 at EP 2 on four ranks: every rank holds half of its EP block's experts (sharded over its
+    expert-data-parallel group of two); the experts each rank writes to a checkpoint (its rows)
+    cover every expert of every layer once."""
+    _init(rank, world, port, ep=1)
+    from moma_plugin.training.arguments import batch_sizes, parse_args
+    from moma_plugin.training.engines import build_engine
+    from moma_plugin.training.initialize import build_model, build_optimizer, load_datasets, setup_parallel
+
+    args = parse_args([*TINY, "--train-iters", "1", "--global-batch-size", "4", "--expert-model-parallel-size",
+                       "2", "--use-torch-fsdp2"])
+    parallel = setup_parallel(args)
+    train_set, _ = load_datasets(args, parallel)
+    model, _ = build_model(args, train_set.layout, parallel)
+    engine = build_engine(model, args, parallel, batch_sizes(args, parallel.dp), build_optimizer)
+    shards, written = {}, []
+    for name, param in model.named_parameters():
+        if name.endswith(("experts.fc1_weight", "experts.fc2_weight")):
+            shards[name] = (param.device_mesh.size(), tuple(param.shape), param.to_local().shape[0])
+            written.extend(engine._per_expert(name, param.detach()))
+    every = [None] * world
+    torch.distributed.all_gather_object(every, written)
+    torch.save({"shards": shards, "written": every}, f"{workdir}/shards-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_shards_the_experts_over_the_expert_data_parallel_group(tmp_path):
+    run_ranks(_fsdp2_expert_shards_rank, (4, free_port(), str(tmp_path)), nprocs=4, timeout_s=180,
+              what="FSDP2 at EP 2 on 4 ranks")
+    result = torch.load(tmp_path / "shards-0.pt")
+    assert len(result["shards"]) == 4  # two layers, fc1 and fc2
+    for mesh, shape, local_rows in result["shards"].values():
+        assert mesh == 2 and shape[0] == 4 and local_rows == 2  # 4t4i at EP 2: 2 text + 2 image each
+    written = [name for rank in result["written"] for name in rank]
+    assert len(written) == len(set(written)) == 2 * 2 * 8  # (fc1, fc2) x layers x experts
+    assert {n.split(".experts.")[1].split(".")[1] for n in written} == {"0", "1", "2", "3"}
+
+
 # -- the training job: EP against one process, checkpoints across EP sizes ------------------------------
 def _argv(name: str, world: int, workdir: str):
     """{name: (world size, argv)}: every run of one global batch of 8 sequences; --eval-iters counts
@@ -173,6 +211,8 @@ def _argv(name: str, world: int, workdir: str):
         "ep2-dp4-fsdp2-stop": (4, [*base(4, 4), *ep(2), *fsdp2, "--exit-interval", "2",
                                    "--save", f"{workdir}/ep2dp4f"]),
         "ep2-dp4-fsdp2-resumed": (4, [*base(4, 4), *ep(2), *fsdp2, "--save", f"{workdir}/ep2dp4f"]),
+        "dp4-fsdp2-bf16": (4, [*base(4, 4), *fsdp2, "--bf16", "--no-save"]),
+        "ep2-dp4-fsdp2-bf16": (4, [*base(4, 4), *ep(2), *fsdp2, "--bf16", "--no-save"]),
         # FSDP2 without EP (stacked experts sharded by FSDP2), resumed by FSDP2 at EP 2
         "fsdp2-half": (1, [*base(1, 4), *fsdp2, "--exit-interval", "2", "--save", f"{workdir}/f1"]),
         "fsdp2-to-ep2-fsdp2": (2, [*base(2, 4), *ep(2), *fsdp2, "--load", f"{workdir}/f1", "--save",
@@ -212,7 +252,7 @@ STAGES = [(1, ["ref", "ref-half", "fsdp2-half"]),
                "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2", "fsdp2-to-ep2-fsdp2", "zero2",
                "ep2-zero2", "ep2-zero2-stop", "ep2-zero2-resumed", "ep2-zero2-to-ep1", "zero2-bf16", "ep2-zero2-bf16"]),
           (4, ["tp2-ep2", "tp2-ep2-stop", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-dp4-fsdp2-stop",
-               "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4", "dp4-zero1", "ep2-dp4-zero1",
+               "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4", "dp4-fsdp2-bf16", "ep2-dp4-fsdp2-bf16", "dp4-zero1", "ep2-dp4-zero1",
                "ep2-dp4-zero1-stop", "ep2-dp4-zero1-resumed"]),
           (1, ["ep2-to-ep1", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1", "ep2-fsdp2-converted-to-ep1"]),
           (2, ["tp2-ep2-to-tp2"])]
@@ -276,12 +316,14 @@ def test_expert_parallel_training_equals_one_process(runs, name):
 
 @pytest.mark.parametrize("name, reference, tolerance", [
     ("ep2-zero2", "zero2", 1e-5), ("ep2-dp4-zero1", "dp4-zero1", 1e-5),
-    ("ep2-zero2-bf16", "zero2-bf16", 2e-3)])  # bf16: the sums' rounding differs with EP
-def test_expert_parallel_under_deepspeed_equals_deepspeed_without_it(runs, name, reference, tolerance):
-    """ZeRO-2 at EP 2 (fp32 and bf16), and ZeRO-1 at EP 2 x expert-DP 2: the experts in DeepSpeed's
-    expert parameter groups, reduced over the expert-data-parallel group, equal the same engine
-    without EP (losses and DeepSpeed's gradient norms; every step clipped). The reference is
-    DeepSpeed's, not one process': DeepSpeed clips the aux routers' gradients with the model's."""
+    # bf16: the sums' rounding differs with EP
+    ("ep2-zero2-bf16", "zero2-bf16", 2e-3), ("ep2-dp4-fsdp2-bf16", "dp4-fsdp2-bf16", 2e-3)])
+def test_expert_parallel_equals_the_same_engine_without_it(runs, name, reference, tolerance):
+    """DeepSpeed ZeRO-2 at EP 2 (fp32 and bf16) and ZeRO-1 at EP 2 x expert-DP 2, the experts in
+    DeepSpeed's expert parameter groups; FSDP2 in bf16 at EP 2 x expert-DP 2, the experts sharded over
+    expert-DP: equal to the same engine without EP (losses and gradient norms; every step clipped).
+    The references are the engines', not one process': DeepSpeed clips the aux routers' gradients
+    with the model's, and bf16 rounds differently on another number of ranks."""
     (reference, _, reference_norms, parameters), (losses, status, norms, counted) = runs[reference], runs[name]
     assert counted == parameters and status == "completed" and sorted(losses) == sorted(reference)
     for i, loss in losses.items():
@@ -360,8 +402,6 @@ def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(r
      "--deepspeed-config missing.json: no such file"),
     (["--expert-model-parallel-size", "2", "--use-megatron-ddp"],
      "--expert-model-parallel-size 2 with --use-megatron-ddp is not supported yet"),
-    (["--expert-model-parallel-size", "2", "--use-torch-fsdp2", "--bf16"],
-     "--expert-model-parallel-size 2 with --use-torch-fsdp2 and --bf16 is not supported yet"),
     (["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be at least 1"),
 ])
 def test_expert_parallel_flag_errors_are_clear(capsys, flags, message):

@@ -230,11 +230,11 @@ def build_model(args, layout, parallel: Parallel):
 
 def build_optimizer(model, args, expert_group: Optional[Dict] = None):
     """AdamW with Megatron's parameter groups (no weight decay on biases and norm weights), with
-    torch's fused kernel where it has one for the parameters' device (CPU and CUDA), else foreach;
-    parameter by parameter where FSDP2's DTensors sit beside plain tensors (the experts it leaves to
-    expert parallelism), which neither kernel takes in one call. Groups carry the parameters' names,
-    which checkpoints keep (``checkpointing.load_optimizer_state``). With ``expert_group``, the
-    expert-parallel parameters form groups of their own carrying its keys (DeepSpeed's MoE groups)."""
+    torch's fused kernel where it has one for the parameters' device (CPU and CUDA), else foreach.
+    Groups carry the parameters' names, which checkpoints keep (``checkpointing.load_optimizer_state``).
+    With ``expert_group``, the expert-parallel parameters form groups of their own carrying its keys
+    (DeepSpeed's MoE groups; FSDP2's experts, whose DTensors are on another mesh than the others'
+    and cannot share a fused call with them)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.dim() == 1 or name.endswith("bias") else decay).append((name, param))
@@ -244,9 +244,7 @@ def build_optimizer(model, args, expert_group: Optional[Dict] = None):
                    **(expert_group if experts else {})} for group in groups for experts in (False, True)]
         groups = [group for group in groups if group["params"]]
     params = [p for _, p in decay + no_decay]
-    if len({hasattr(p, "device_mesh") for p in params}) > 1:
-        implementation = {"fused": False, "foreach": False}
-    elif all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+    if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
         implementation = {"fused": True}
     else:
         implementation = {"foreach": True}

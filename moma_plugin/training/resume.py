@@ -84,7 +84,16 @@ def load_optimizer_state(optimizer, model, state: Dict[str, Any], load=None):
     parameter name, keeping this optimizer's implementation (fused or foreach), not the saved one's.
     ``load``: what takes the renumbered state (an engine's; default ``optimizer.load_state_dict``)."""
     saved = state["optimizer"]
-    if len(saved["param_groups"]) != len(optimizer.param_groups):
+    # A group's settings come from the saved group of its kind (weight decay or not): the experts
+    # may form groups of their own (FSDP2 and DeepSpeed under expert parallelism), or not (ddp).
+    of_kind = {}
+    for group in saved["param_groups"]:
+        of_kind.setdefault(group.get("wd_mult"), group)
+    if all(group.get("wd_mult") in of_kind for group in optimizer.param_groups):
+        olds = [of_kind[group.get("wd_mult")] for group in optimizer.param_groups]
+    elif len(saved["param_groups"]) == len(optimizer.param_groups):
+        olds = saved["param_groups"]
+    else:
         raise UsageError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter "
                          f"groups, this one {len(optimizer.param_groups)}; resume with the moma_plugin "
                          "version that wrote it")
@@ -94,7 +103,7 @@ def load_optimizer_state(optimizer, model, state: Dict[str, Any], load=None):
     else:
         by_name = _state_by_name_from_positions(saved, state["model"], model)
     groups, numbered, first = [], {}, 0
-    for current, old in zip(optimizer.param_groups, saved["param_groups"]):
+    for current, old in zip(optimizer.param_groups, olds):
         indices = list(range(first, first + len(current["param_names"])))
         first += len(indices)
         for index, name in zip(indices, current["param_names"]):

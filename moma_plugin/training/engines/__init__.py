@@ -52,10 +52,6 @@ def check_engine_flags(args, fail):
                  "not supported: DeepSpeed keeps expert parameter groups, reduced over the "
                  "expert-data-parallel group, under ZeRO-1 and ZeRO-2; use examples/deepspeed/zero1.json "
                  "or zero2.json (zero_optimization.stage 1 or 2)")
-    if ep > 1 and args.use_torch_fsdp2 and args.bf16:
-        fail(f"--expert-model-parallel-size {ep} with --use-torch-fsdp2 and --bf16 is not supported yet "
-             "(FSDP2 casts the weights it shards to bf16, the experts it leaves to EP stay fp32); use "
-             "the default ddp engine or --deepspeed (ZeRO-1/2) for bf16 with expert parallelism")
     if args.bf16 and args.fp16:
         fail("--bf16 and --fp16 exclude each other; give one")
     if args.fp16 and not args.deepspeed:

@@ -141,12 +141,13 @@ class Engine:
         grads = [(p.grad, kind(p)) for p in parameters if p.grad is not None]
         norm = total_norm(grads, self.parallel)
         if max_norm > 0 and math.isfinite(norm) and norm > max_norm and grads:
-            # One call per kind: FSDP2's DTensors and the plain tensors beside them (the experts
-            # it leaves to EP) do not mix in one foreach call.
-            for is_dtensor in (True, False):
-                same = [g for g, _ in grads if hasattr(g, "device_mesh") == is_dtensor]
-                if same:
-                    torch._foreach_mul_(same, max_norm / (norm + 1e-6))
+            # One call per mesh: FSDP2's DTensors of the data-parallel mesh and those of the
+            # expert-data-parallel mesh (expert parallelism) do not mix in one foreach call.
+            by_mesh = {}
+            for g, _ in grads:
+                by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+            for same in by_mesh.values():
+                torch._foreach_mul_(same, max_norm / (norm + 1e-6))
         return norm
 
     def step(self):

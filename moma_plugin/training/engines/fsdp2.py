@@ -20,22 +20,23 @@ forward`` keeps each layer's gathered parameters from forward to backward (more 
 fewer per layer). Clipping: torch's norm over the DTensor gradients (the whole mesh), TP shards
 summed over the tensor-parallel group.
 
-Expert parallelism: the experts' stacked weights, already split over the EP ranks, stay out of
-FSDP2 (``ignored_params``): each EP rank keeps its experts whole, replicated over the expert-data-
-parallel group (with EP = DP each rank holds 1/DP of them, as sharded as FSDP2 would make them),
-and after the last micro-batch their gradients are summed over that group and divided by the
-data-parallel size, as under the ddp engine (``base.reduce_expert_gradients``).
+Expert parallelism: the experts' stacked weights, already split over the EP ranks, are a unit of
+their own (``StackedExperts``, gathered around its ``run``) sharded over the expert-data-parallel
+group instead of the data-parallel one: each rank holds 1/DP of the experts. Their gradients are
+reduce-scattered over that group and divided by the data-parallel size (each owner's gradient
+already sums every EP rank's tokens), as the engines average the other gradients.
 
 Checkpoints: each rank writes its shards of the weights and Adam moments into the iteration's
 ``dcp/mp_rank_NN/`` (torch.distributed.checkpoint over the data-parallel group; the stacked expert
 weights under their stacked names, or under expert parallelism one entry per expert under its
-global name, ``...experts.image.3.linear_fc1.weight``, written once by one of the ranks holding it),
+global name, ``...experts.image.3.linear_fc1.weight``, written by the rank whose shard holds it),
 and nothing is gathered. Loading reads the shards each rank now holds, whatever the number of ranks
 (and the EP size) that wrote them. A checkpoint with whole tensors (the ddp engine's) loads too:
 the weights before sharding, the moments split on loading.
 """
 
 from contextlib import contextmanager
+from typing import List
 
 import torch
 
@@ -43,43 +44,52 @@ from ...expert_parallel import is_expert_parallel, local_rows
 from ...experts import stacked_parameter_sources
 from .. import checkpointing
 from ..checkpointing import MODEL_PREFIX, OPTIMIZER_PREFIX, CheckpointError
-from .base import Engine, reduce_expert_gradients
+from .base import Engine
 
 
-def _mesh(parallel):
-    """The data-parallel mesh of this rank (a 1-D mesh over the DP group's ranks)."""
+def _mesh(group, parallel):
+    """A 1-D mesh over ``group``'s ranks (the data-parallel or the expert-data-parallel group)."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    ranks = torch.distributed.get_process_group_ranks(parallel.dp_group)
-    return DeviceMesh.from_group(parallel.dp_group, parallel.device.type, mesh=ranks)
+    ranks = torch.distributed.get_process_group_ranks(group)
+    return DeviceMesh.from_group(group, parallel.device.type, mesh=ranks)
 
 
-_KEPT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
+_KEPT_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel",
+                    "expert_rows", "all_expert_rows", "num_global_experts")
 
 
 def shard_model(model, parallel, bf16: bool, reshard_after_forward: bool, aux_units: bool):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mesh = _mesh(parallel)
+    from ...aux_router import aux_routers
+    from ...experts import StackedExperts
+
+    mesh = _mesh(parallel.dp_group, parallel)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    from ...aux_router import aux_routers
-
     # fully_shard puts new (DTensor) parameters in place of the old ones, without their Python
-    # attributes: those that clipping (TP shards) and the SP gradient sum read are carried over.
+    # attributes: those that clipping (TP shards), the SP gradient sum and EP read are carried over.
     kept = {name: {a: getattr(p, a) for a in _KEPT_ATTRIBUTES if hasattr(p, a)}
             for name, p in model.named_parameters()}
-    experts = {p for p in model.parameters() if is_expert_parallel(p)}  # left to EP (docstring)
-    ignored = {"ignored_params": experts} if experts else {}
+    expert_mesh = _mesh(parallel.expert_dp_group, parallel) if parallel.ep > 1 else None
     for layer in model.decoder.layers:
         # Trained jointly, aux routers also run after their layer's forward (their loss is computed
         # when the loop pops it): each is then a unit of its own, gathered when it runs.
         for _, router in aux_routers(layer) if aux_units else ():
             fully_shard(router, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
-                    **ignored)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
-                **ignored)
+        for experts in (m for m in layer.modules() if isinstance(m, StackedExperts)) if expert_mesh else ():
+            # Split over EP already: sharded over the expert-DP group, their gradients summed there
+            # and divided by the data-parallel size (each owner's sums every EP rank's tokens).
+            fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+            experts.set_gradient_divide_factor(float(parallel.dp))
+            if expert_mesh.size() > 1:
+                # A plain sum, then the division (gloo has no PREMUL_SUM). Not on a one-rank mesh,
+                # where torch 2.13 would divide twice (once in the copy that stands for the sum).
+                experts.set_force_sum_reduction_for_comms(True)
+            register_fsdp_forward_method(experts, "run")
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for name, param in model.named_parameters():
         for attribute, value in kept.get(name, {}).items():
             setattr(param, attribute, value)
@@ -97,6 +107,17 @@ def _local(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _shard_rows(tensor) -> List[int]:
+    """The rows (first-dimension indices) of ``tensor`` this rank holds: all of a plain tensor's, a
+    DTensor's shard of them (FSDP2's ``Shard(0)``: ``torch.chunk``'s blocks over the mesh)."""
+    rows = list(range(tensor.shape[0]))
+    if not hasattr(tensor, "device_mesh"):
+        return rows
+    blocks = torch.arange(tensor.shape[0]).chunk(tensor.device_mesh.size())
+    rank = tensor.device_mesh.get_local_rank()
+    return blocks[rank].tolist() if rank < len(blocks) else []
+
+
 def _zeros(meta):
     """A whole tensor of a DCP entry's size and dtype."""
     return torch.zeros(meta.size, dtype=meta.properties.dtype)
@@ -108,7 +129,6 @@ class FSDP2Engine(Engine):
     def __init__(self, model, args, parallel, build_optimizer):
         super().__init__(model, args, parallel)
         self.bf16 = args.bf16
-        self.expert_params = [p for p in model.parameters() if is_expert_parallel(p)]
         # {stacked expert parameter split over EP ranks: the names of the experts this rank holds}
         expert_names = {name for name, p in model.named_parameters() if is_expert_parallel(p)}
         self.expert_sources = {name: keys for name, keys in stacked_parameter_sources(model).items()
@@ -117,7 +137,8 @@ class FSDP2Engine(Engine):
                              stacked_parameter_sources(model, every=True).items() if name in expert_names}
         self.mesh = shard_model(model, parallel, args.bf16, args.torch_fsdp2_reshard_after_forward,
                                 aux_units=args.aux_router_joint)
-        self.optimizer = build_optimizer(model, args)
+        # The experts' DTensors live on another mesh: groups of their own, one fused call each.
+        self.optimizer = build_optimizer(model, args, {} if expert_names else None)
 
     @contextmanager
     def accumulating(self, last: bool):
@@ -126,8 +147,6 @@ class FSDP2Engine(Engine):
             yield
         finally:
             self.model.set_requires_gradient_sync(True)
-        if last and self.expert_params:
-            reduce_expert_gradients(self.expert_params, self.parallel)
 
     # -- checkpoints: sharded (see the module docstring) ---------------------------------------------
     def model_state_dict(self):
@@ -141,10 +160,12 @@ class FSDP2Engine(Engine):
 
     def _per_expert(self, name: str, tensor):
         """{DCP name: tensor} of a weight or moment: one entry per expert for the stacked experts
-        split over EP ranks (views of ``tensor``'s rows), else the tensor under ``name``."""
+        split over EP ranks (views of the rows of this rank's shard: the experts it holds), else the
+        tensor under ``name``."""
         if name not in self.expert_sources or tensor.dim() == 0:
             return {name: tensor}
-        return dict(zip(self.expert_sources[name], tensor.unbind(0)))
+        names = self.expert_sources[name]
+        return {names[row]: view for row, view in zip(_shard_rows(tensor), _local(tensor).unbind(0))}
 
     def _model_tensors(self):
         """{name: this rank's DTensor} of the weights and persistent buffers (the stacked experts'
@@ -216,7 +237,7 @@ class FSDP2Engine(Engine):
         @torch.no_grad()
         def place_experts():
             for name, full in whole.items():
-                params[name].copy_(local_rows(full, params[name]))
+                _local(params[name]).copy_(_local(_shard_like(local_rows(full, params[name]), params[name])))
             for name, experts in split.items():
                 stacked = torch.stack([weights[expert] for expert in experts])
                 _local(params[name]).copy_(_local(_shard_like(stacked, params[name])))
@@ -252,9 +273,8 @@ class FSDP2Engine(Engine):
             for key, value in list(entry.items()):
                 if not torch.is_tensor(value) or isinstance(value, DTensor) or value.dim() == 0:
                     continue
-                if is_expert_parallel(param):
-                    entry[key] = local_rows(value, param).to(param.device)
-                elif isinstance(param, DTensor) and value.shape == param.shape:
+                value = local_rows(value, param)  # every expert's: this EP rank's
+                if isinstance(param, DTensor) and value.shape == param.shape:
                     entry[key] = _shard_like(value, param)
         self.optimizer.load_state_dict(state)
 
