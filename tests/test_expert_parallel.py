@@ -217,6 +217,9 @@ def _argv(name: str, world: int, workdir: str):
         "fsdp2-half": (1, [*base(1, 4), *fsdp2, "--exit-interval", "2", "--save", f"{workdir}/f1"]),
         "fsdp2-to-ep2-fsdp2": (2, [*base(2, 4), *ep(2), *fsdp2, "--load", f"{workdir}/f1", "--save",
                                    f"{workdir}/f1to2"]),
+        # ... and at EP 2 x expert-DP 2, where each rank keeps half of its EP block's experts
+        "fsdp2-to-ep2-dp4-fsdp2": (4, [*base(4, 4), *ep(2), *fsdp2, "--load", f"{workdir}/f1", "--save",
+                                       f"{workdir}/f1to2x2"]),
         "ep2-fsdp2-to-ep4": (4, [*base(4, 4), *ep(4), *fsdp2, "--load", f"{workdir}/ep2f", "--ckpt-step",
                                  "2", "--save", f"{workdir}/f2to4"]),
         "ep2-fsdp2-to-ep1": (1, [*base(1, 4), "--load", f"{workdir}/ep2f", "--ckpt-step", "2",
@@ -229,6 +232,9 @@ def _argv(name: str, world: int, workdir: str):
         "zero2": (2, [*base(2, 4), *zero(2), "--save", f"{workdir}/z2"]),
         "zero2-bf16": (2, [*base(2, 4), *zero(2), "--bf16", "--no-save"]),
         "ep2-zero2-bf16": (2, [*base(2, 4), *ep(2), *zero(2), "--bf16", "--no-save"]),
+        "ep2-zero2-bf16-stop": (2, [*base(2, 4), *ep(2), *zero(2), "--bf16", "--exit-interval", "2",
+                                    "--save", f"{workdir}/ep2zb"]),
+        "ep2-zero2-bf16-resumed": (2, [*base(2, 4), *ep(2), *zero(2), "--bf16", "--save", f"{workdir}/ep2zb"]),
         "dp4-zero1": (4, [*base(4, 4), *zero(1), "--no-save"]),
         "ep2-zero2": (2, [*base(2, 4), *ep(2), *zero(2), "--no-save"]),
         "ep2-zero2-stop": (2, [*base(2, 4), *ep(2), *zero(2), "--exit-interval", "2",
@@ -250,9 +256,10 @@ def _argv(name: str, world: int, workdir: str):
 STAGES = [(1, ["ref", "ref-half", "fsdp2-half"]),
           (2, ["ep2", "ep2-stop", "ep2-resumed", "ep1-to-ep2", "tp2-sp", "tp2-sp-fsdp2", "ep2-fsdp2",
                "ep2-fsdp2-stop", "ep2-fsdp2-resumed", "ep2-ddp-to-fsdp2", "fsdp2-to-ep2-fsdp2", "zero2",
-               "ep2-zero2", "ep2-zero2-stop", "ep2-zero2-resumed", "ep2-zero2-to-ep1", "zero2-bf16", "ep2-zero2-bf16"]),
+               "ep2-zero2", "ep2-zero2-stop", "ep2-zero2-resumed", "ep2-zero2-to-ep1", "zero2-bf16", "ep2-zero2-bf16", "ep2-zero2-bf16-stop",
+               "ep2-zero2-bf16-resumed"]),
           (4, ["tp2-ep2", "tp2-ep2-stop", "tp2-ep2-sp", "ep2-to-ep4", "ep2-dp4-fsdp2", "ep2-dp4-fsdp2-stop",
-               "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4", "dp4-fsdp2-bf16", "ep2-dp4-fsdp2-bf16", "dp4-zero1", "ep2-dp4-zero1",
+               "ep2-dp4-fsdp2-resumed", "ep2-fsdp2-to-ep4", "fsdp2-to-ep2-dp4-fsdp2", "dp4-fsdp2-bf16", "ep2-dp4-fsdp2-bf16", "dp4-zero1", "ep2-dp4-zero1",
                "ep2-dp4-zero1-stop", "ep2-dp4-zero1-resumed"]),
           (1, ["ep2-to-ep1", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1", "ep2-fsdp2-converted-to-ep1"]),
           (2, ["tp2-ep2-to-tp2"])]
@@ -351,7 +358,7 @@ def test_a_deepspeed_expert_parallel_checkpoint_holds_every_expert(runs):
     assert "--expert-model-parallel-size 2" in refusal and "moma-convert-checkpoint" in refusal
 
 
-@pytest.mark.parametrize("engine", ["", "-fsdp2", "-dp4-fsdp2", "-zero2", "-dp4-zero1"])  # -dp4: expert-DP 2
+@pytest.mark.parametrize("engine", ["", "-fsdp2", "-dp4-fsdp2", "-zero2", "-dp4-zero1", "-zero2-bf16"])  # -dp4: expert-DP 2
 def test_resume_under_expert_parallelism_is_exact(runs, engine):
     straight, stop, resumed = (runs[f"ep2{engine}"][0], runs[f"ep2{engine}-stop"],
                                runs[f"ep2{engine}-resumed"][0])
@@ -361,7 +368,8 @@ def test_resume_under_expert_parallelism_is_exact(runs, engine):
 
 @pytest.mark.parametrize("name", ["ep1-to-ep2", "ep2-to-ep1", "ep2-to-ep4", "ep2-ddp-to-fsdp2",
                                   "ep2-fsdp2-to-ep4", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1",
-                                  "fsdp2-to-ep2-fsdp2", "ep2-fsdp2-converted-to-ep1", "tp2-ep2-to-tp2"])
+                                  "fsdp2-to-ep2-fsdp2", "fsdp2-to-ep2-dp4-fsdp2", "ep2-fsdp2-converted-to-ep1",
+                                  "tp2-ep2-to-tp2"])
 def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
     """Saved at EP 1 or 2 (or TP 2 x EP 2) after iteration 2 (ddp engine: every expert in the rank
     file; FSDP2: one DCP entry per expert; or converted to the single-file layout), resumed at EP 2, 1

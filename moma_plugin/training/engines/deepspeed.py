@@ -257,7 +257,8 @@ class DeepSpeedEngine(Engine):
         """DeepSpeed's partitions of expert parameter groups follow the EP and data-parallel sizes
         that wrote them: with EP on either side, both must be the same."""
         saved_ep = int((state.get("args") or {}).get("expert_model_parallel_size") or 1)
-        saved_dp = len(list((directory / self.SUBDIR).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        # One file per data-parallel rank ("bf16_zero_pp_rank_0_..." under bf16).
+        saved_dp = len(list((directory / self.SUBDIR).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
         if max(saved_ep, self.parallel.ep) > 1 and (saved_ep, saved_dp) != (self.parallel.ep, self.parallel.dp):
             raise UsageError(
                 f"{directory} was written by DeepSpeed at EP {saved_ep} on {saved_dp} data-parallel ranks; "

@@ -199,8 +199,10 @@ class FSDP2Engine(Engine):
         weights, restacked, place_experts = self._weight_targets(saved)
         # Checked on every expert, not only this rank's: every rank stops, or none (read_dcp is a
         # collective).
+        # Experts read one entry each (the stacked name is not a target) are expected all, whatever
+        # this rank's shard holds.
         expected = set(weights).union(*(self.every_expert[name] for name in self.expert_sources
-                                        if self.expert_sources[name][0] in weights))
+                                        if name not in weights))
         missing = sorted(k for k in expected if MODEL_PREFIX + k not in saved and "aux_router" not in k)
         if missing:
             raise CheckpointError(f"{path} lacks weights of this model ({', '.join(missing[:3])}); "
@@ -227,7 +229,7 @@ class FSDP2Engine(Engine):
             if name in self.expert_sources:
                 if MODEL_PREFIX + self.expert_sources[name][0] not in saved and MODEL_PREFIX + name in saved:
                     for expert in self.expert_sources[name]:
-                        del weights[expert]
+                        weights.pop(expert, None)  # this rank's shard holds some of them
                     weights[name] = whole[name] = _zeros(saved[MODEL_PREFIX + name])
             elif MODEL_PREFIX + name not in saved and MODEL_PREFIX + experts[0] in saved:
                 del weights[name]
