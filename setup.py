@@ -26,6 +26,9 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "deepspeed": ["deepspeed>=0.15"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "deepspeed>=0.15"],  # tests/test_engines.py: ZeRO 1-3
+        # What Megatron-LM's training side (pretrain_gpt.py) imports beyond megatron-core
+        "megatron-lm": ["six", "regex", "triton"],
+        # tests/test_engines.py: ZeRO 1-3; tests/test_megatron_lm.py: a Megatron-LM checkout
+        "test": ["pytest>=7", "pytest-timeout>=2", "deepspeed>=0.15", "six", "regex", "triton"],
     },
 )

@@ -6,7 +6,9 @@
 - An HTML comment right before a block can say how it is tested:
   ``<!-- tested with: moma-pretrain --train-iters 20 | moma-generate --max-new-tokens 8 -->`` appends
   those flags to each command of that tool (a tiny size: the document says so next to the block), and
-  ``<!-- tested by .ci/run -->`` marks a block that CI runs itself (it must appear in .ci/run verbatim).
+  ``<!-- tested by .ci/run -->`` marks a block that CI runs itself (it must appear in .ci/run verbatim),
+  and ``<!-- tested by tests/test_x.py -->`` one that a test runs (verbatim in that file): commands
+  that need a checkout the test makes (a Megatron-LM snapshot to patch).
 """
 
 import os
@@ -106,9 +108,11 @@ def test_shell_commands_run_as_written(path, tmp_path):
     for lang, body, note in blocks(path):
         if lang != "bash":
             continue
-        if note == "tested by .ci/run":
+        if note.startswith("tested by "):
+            runner = note[len("tested by "):]
+            text = ci if runner == ".ci/run" else (REPO / runner).read_text()
             for command in commands(body):
-                assert command in ci, f"{path.name}: {command!r} is marked as run by .ci/run but is not in it"
+                assert command in text, f"{path.name}: {command!r} is marked as run by {runner} but is not in it"
             continue
         extra = extra_flags(note)
         for command in commands(body):

@@ -1,0 +1,180 @@
+"""What a Megatron-LM ``pretrain_gpt.py`` job needs to train a MoMa model.
+
+``patches/megatron-lm-core_v0.16.1.patch`` (and the ``core_v0.19.0`` one) wrap three things of the stock
+script with the functions here; ``examples/megatron_lm/pretrain_moma_gpt.py`` does the same without
+patching. A job opts in with Megatron-LM's own flag, ``--spec moma_plugin moma_layer_spec``; without it
+every wrapped function hands over to the stock one, so the patched script still runs plain GPT jobs.
+
+- ``extra_args_provider(other)``: the MoMa flags (``moma_plugin.args.add_moma_args``), chained with
+  the script's own provider (ModelOpt's, where installed).
+- ``builder(stock_builder)``: ``gpt_builder``'s replacement. It builds ``MoMaConfig`` with Megatron-LM's
+  ``core_transformer_config_from_args(args, config_class=MoMaConfig)`` and ``MoMaGPTModel`` with the
+  MoMa layer spec (local, or Transformer Engine under ``--transformer-impl transformer_engine``).
+  Modality ids come from token ids: ``--moma-vocab-ranges``, or the ``.vocab.json`` that
+  ``moma-preprocess`` writes beside the first ``--data-path`` prefix.
+- ``forward_step(stock_forward_step, get_batch)``: the script's ``get_batch`` (TP broadcast, context
+  parallelism), then the model with the batch's modality ids; its ``loss_func`` adds the joint
+  aux-router loss (``--aux-router-joint``) and reports, through Megatron-LM's own logging and
+  TensorBoard writer, the loss of each modality (``text lm loss``...) and the routing metrics of
+  ``moma_plugin.metrics`` (``moma/layer0/image/tokens_per_expert_min``...).
+
+Not yet (refused with a message): pipeline parallelism (a stage without tokens has no modality ids)
+and expert parallelism (Megatron-LM's DDP would need to reduce the MoMa experts over expert-DP).
+docs/MEGATRON_LM.md has the commands.
+"""
+
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .args import add_moma_args
+from .aux_router import pop_aux_loss, set_aux_router_training
+from .config import MoMaConfig
+from .layout import modality_ids_from_tokens
+from .metrics import collect_routing_metrics
+from .model import MoMaGPTModel
+from .specs import get_moma_layer_spec
+
+SPEC = ("moma_plugin", "moma_layer_spec")
+
+
+def uses_moma(args) -> bool:
+    """Whether the job asked for MoMa: ``--spec moma_plugin ...``."""
+    spec = getattr(args, "spec", None)
+    return bool(spec) and spec[0] == SPEC[0]
+
+
+def extra_args_provider(other: Optional[Callable] = None) -> Callable:
+    """A provider adding the MoMa flags, then ``other``'s (the script's own provider, if any)."""
+    def provider(parser):
+        parser = add_moma_args(parser)
+        return other(parser) if other is not None else parser
+    return provider
+
+
+def vocab_ranges(args) -> Dict[str, Tuple[int, int]]:
+    """{modality: (first id, end)} from ``--moma-vocab-ranges``, else from the vocabulary file of the
+    first ``--data-path`` prefix (``moma-preprocess`` output)."""
+    if args.moma_vocab_ranges:
+        return dict(args.moma_vocab_ranges)
+    prefixes = [item for item in (getattr(args, "data_path", None) or []) if not _is_number(item)]
+    vocab = Path(f"{prefixes[0]}.vocab.json") if prefixes else None
+    if vocab is None or not vocab.exists():
+        raise ValueError("MoMa needs the token-id range of each modality: give --moma-vocab-ranges "
+                         "image:START:END, or a --data-path prefix written by moma-preprocess "
+                         f"(it reads PREFIX.vocab.json{'; ' + str(vocab) + ' is missing' if vocab else ''})")
+    from .data.vocab import VocabularyLayout
+
+    return VocabularyLayout.load(vocab).vocab_ranges()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def moma_config(args) -> MoMaConfig:
+    """``MoMaConfig`` from Megatron-LM's arguments (its own translation, MoMa fields by name)."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    if args.pipeline_model_parallel_size > 1:
+        raise ValueError("MoMa under Megatron-LM with --pipeline-model-parallel-size > 1 is not supported "
+                         "yet (later stages get no token ids to derive modality ids from); use PP 1")
+    if getattr(args, "expert_model_parallel_size", 1) > 1:
+        raise ValueError("MoMa under Megatron-LM with --expert-model-parallel-size > 1 is not supported yet "
+                         "(Megatron-LM's DDP must reduce the MoMa experts over the expert-data-parallel "
+                         "group; not tested): use EP 1 here, or moma-pretrain for expert parallelism")
+    args.moma_vocab_ranges = vocab_ranges(args)
+    return core_transformer_config_from_args(args, config_class=MoMaConfig)
+
+
+def build_moma_gpt(args, pre_process=True, post_process=True, vp_stage=None, config=None,
+                   pg_collection=None) -> MoMaGPTModel:
+    """``MoMaGPTModel`` as ``gpt_builder`` builds ``GPTModel``: the same arguments, MoMa's config and
+    layer spec."""
+    config = config if isinstance(config, MoMaConfig) else moma_config(args)
+    if tuple(args.spec) == SPEC:
+        spec = get_moma_layer_spec(config, use_te=args.transformer_impl == "transformer_engine")
+    else:
+        from megatron.core.transformer.spec_utils import import_module
+
+        spec = import_module(args.spec)
+    model = MoMaGPTModel(
+        config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process, post_process=post_process, fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, vp_stage=vp_stage,
+        pg_collection=pg_collection)
+    # --aux-router-joint: their BCE loss joins the step's and their weights train (before Megatron-LM
+    # builds its optimizer); otherwise they are frozen, for moma-train-aux-routers after pretraining.
+    set_aux_router_training(model, bool(args.aux_router_joint))
+    return model
+
+
+def builder(stock_builder: Callable) -> Callable:
+    """``gpt_builder``'s replacement: MoMa under ``--spec moma_plugin ...``, else ``stock_builder``."""
+    def build(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+        if not uses_moma(args):
+            return stock_builder(args, pre_process, post_process, vp_stage, config=config,
+                                 pg_collection=pg_collection)
+        return build_moma_gpt(args, pre_process, post_process, vp_stage, config, pg_collection)
+    return build
+
+
+def _unwrapped(model):
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return get_attr_wrapped_model(model, "decoder", return_model_obj=True)
+
+
+def forward_step(stock_forward_step: Callable, get_batch: Callable) -> Callable:
+    """The script's ``forward_step`` under MoMa: its ``get_batch``, the batch's modality ids (from
+    token ids) passed to the model, and ``loss_func`` below."""
+    def step(data_iterator, model, return_schedule_plan: bool = False):
+        from megatron.training import get_args
+
+        if not uses_moma(get_args()):
+            return stock_forward_step(data_iterator, model, return_schedule_plan)
+        if return_schedule_plan:
+            raise ValueError("MoMa does not build schedule plans (--overlap-moe-expert-parallel-comm)")
+        moma = _unwrapped(model)
+        tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_params = get_batch(
+            data_iterator, getattr(moma, "vp_stage", None))
+        config = moma.config
+        modality_ids = modality_ids_from_tokens(tokens, config.moma_vocab_ranges, config.moma_modalities)
+        label_modality = modality_ids_from_tokens(labels, config.moma_vocab_ranges, config.moma_modalities)
+        output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask,
+                       packed_seq_params=packed_seq_params, modality_ids=modality_ids)
+        return output, partial(loss_func, loss_mask, label_modality, moma)
+    return step
+
+
+def loss_func(loss_mask: torch.Tensor, label_modality: torch.Tensor, model: MoMaGPTModel,
+              output_tensor: torch.Tensor):
+    """Megatron-LM's GPT loss (sum over unmasked tokens, their number, a report of [sum, count]
+    pairs it averages over the global batch), plus the joint aux-router loss (counted per micro-batch
+    as Megatron divides the sum by the tokens) and per-modality losses and routing metrics in the
+    report."""
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])}
+    modality = label_modality.view(-1).to(losses.device)
+    for index, name in enumerate(model.config.moma_modalities):
+        chosen = mask * (modality == index)
+        report[f"{name} lm loss"] = torch.stack([(losses * chosen).sum().detach(), chosen.sum()])
+    aux = pop_aux_loss(model)
+    if aux is not None:
+        loss = loss + aux.float() * num_tokens
+        report["aux router loss"] = torch.stack([aux.detach().float(), torch.ones_like(aux.float())])
+    one = torch.ones((), device=losses.device)
+    for key, value in collect_routing_metrics(model).items():
+        report[key] = torch.stack([one * value, one])
+    return loss, num_tokens, report

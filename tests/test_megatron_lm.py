@@ -1,0 +1,167 @@
+"""The plugin inside a real Megatron-LM checkout: ../shared/thirdparty's pristine training-side snapshot
+(core_v0.16.1, the version pip gives Python 3.11) unpacked into a temporary directory, patched with
+patches/megatron-lm-core_v0.16.1.patch as a user would (``git apply``), its own ``parse_args``,
+``model_provider``, datasets and ``forward_step`` run on CPU (gloo, one process).
+
+Stand-ins for Megatron-LM's CUDA-bound calls, inside the test process only (STAND_INS lists them): its
+batch loader moves the batch with ``Tensor.cuda`` and allocates on ``torch.cuda.current_device()``,
+which here keep it on the CPU. Everything else is Megatron-LM's own code."""
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import free_port, run_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+THIRDPARTY = REPO.parent / "shared" / "thirdparty"
+SNAPSHOTS = {version: THIRDPARTY / f"megatron-lm-core_{version}-training.tar.gz"
+             for version in ("v0.16.1", "v0.19.0")}
+STAND_INS = {"torch.Tensor.cuda": "returns the tensor itself (CPU): get_batch_on_this_tp_rank moves the "
+                                  "batch to the GPU with it",
+             "torch.cuda.current_device": "returns 'cpu': get_batch_on_this_tp_rank allocates the buffers "
+                                          "it broadcasts there"}
+
+pytestmark = pytest.mark.skipif(not SNAPSHOTS["v0.16.1"].exists(),
+                                reason=f"no Megatron-LM snapshot at {SNAPSHOTS['v0.16.1']}")
+
+
+APPLY = "git apply $MOMA_PLUGIN/patches/megatron-lm-core_v0.16.1.patch"  # docs/MEGATRON_LM.md, as written
+
+
+def checkout(into: Path, how: str) -> Path:
+    """The core_v0.16.1 snapshot unpacked into ``into``, made a MoMa job ``how`` a user would: this
+    repository's patch applied by git ("patch", the command of docs/MEGATRON_LM.md), or
+    examples/megatron_lm/pretrain_moma_gpt.py put beside the untouched pretrain_gpt.py ("script")."""
+    with tarfile.open(SNAPSHOTS["v0.16.1"]) as tar:
+        tar.extractall(into, filter="data")
+    root = into / "Megatron-LM-core_v0.16.1"
+    if how == "patch":
+        subprocess.run(["bash", "-e", "-c", APPLY], cwd=root, env=dict(os.environ, MOMA_PLUGIN=str(REPO)),
+                       check=True)
+    else:
+        shutil.copy(REPO / "examples" / "megatron_lm" / "pretrain_moma_gpt.py", root)
+    return root
+
+
+def megatron_args(prefix: str, vocab_size: int):
+    """Megatron-LM flags of a tiny MoMa model on the bundled corpus (what a user's job passes)."""
+    return ["--spec", "moma_plugin", "moma_layer_spec", "--moma-experts", "4t4i", "--mod-interval", "2",
+            "--mod-capacity", "0.5", "--aux-router-joint",
+            "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
+            "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "1", "--lr", "1e-3", "--data-path", prefix, "--split", "100,0,0",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab_size),
+            "--position-embedding-type", "learned_absolute", "--transformer-impl", "local", "--normalization",
+            "RMSNorm", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--use-cpu-initialization",
+            "--seed", "7"]
+
+
+def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    sys.path.insert(0, root)
+    sys.argv = ["pretrain_gpt.py", *megatron_args(prefix, vocab_size)]
+    torch.set_num_threads(1)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # STAND_INS
+    torch.cuda.current_device = lambda: "cpu"
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    import pretrain_gpt  # the stock script, patched or not
+    job = importlib.import_module(script)  # what the user runs: the patched script, or ours beside it
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_global_variables
+
+    from moma_plugin import megatron_lm
+    from moma_plugin.data.vocab import VocabularyLayout
+    from moma_plugin.training.arguments import parse_args as moma_parse_args
+    from moma_plugin.training.initialize import Parallel, build_model
+    from moma_plugin.training.step import forward_loss
+
+    args = parse_args(extra_args_provider=megatron_lm.extra_args_provider())
+    validate_args(args)
+    set_global_variables(args, build_tokenizer=True)
+    torch.manual_seed(args.seed)
+    model = pretrain_gpt.model_provider(job.gpt_builder)
+    train, _, _ = job.train_valid_test_datasets_provider([4, 0, 0])
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size)))
+    output, loss_func = job.forward_step(iter([batch]), model)
+    loss, num_tokens, report = loss_func(output)
+
+    # moma-pretrain's model from the same flags, with the Megatron-LM model's weights
+    layout = VocabularyLayout.load(f"{prefix}.vocab.json")
+    moma_args = moma_parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                                 "--seq-length", "64", "--moma-experts", "4t4i", "--mod-interval", "2",
+                                 "--mod-capacity", "0.5", "--aux-router-joint", "--data-path", prefix,
+                                 "--train-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "2"])
+    parallel = Parallel(rank=0, world=1, tp_rank=0, tp=1, dp_rank=0, dp=1, device=torch.device("cpu"))
+    reference, _ = build_model(moma_args, layout, parallel)
+    reference.load_state_dict(model.state_dict())
+    mine = {"tokens": batch["tokens"], "labels": batch["labels"], "position_ids": batch["position_ids"],
+            "modality_ids": torch.from_numpy(layout.modality_ids(batch["tokens"].numpy()))}
+    reference_loss = (forward_loss(reference, mine) * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    torch.save({"loss": float(loss.detach()), "num_tokens": int(num_tokens), "report": report,
+                "reference": float(reference_loss), "mask": float(batch["loss_mask"].sum()),
+                "model": type(model).__name__, "modalities": layout.modalities}, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from moma_plugin.data.corpus import bundled_dataset_prefix
+    from moma_plugin.data.vocab import VocabularyLayout
+
+    prefix = bundled_dataset_prefix()
+    return prefix, VocabularyLayout.load(f"{prefix}.vocab.json").vocab_size
+
+
+@pytest.mark.parametrize("how, script", [("patch", "pretrain_gpt"), ("script", "pretrain_moma_gpt")])
+def test_a_megatron_lm_job_trains_moma_like_moma_pretrain(tmp_path, bundled, how, script):
+    """Megatron-LM's parse_args with --spec moma_plugin moma_layer_spec and the MoMa flags, its
+    model_provider through the wrapped builder (a MoMaGPTModel), a GPTDataset batch over the bundled
+    corpus, the wrapped forward_step and its loss_func, in the patched pretrain_gpt.py and in the
+    example script beside an unpatched one: the loss (without the aux routers' part) equals that of
+    moma-pretrain's model with the same weights; the report holds each modality's loss, the aux-router
+    loss and routing metrics."""
+    pytest.importorskip("triton", reason="Megatron-LM's training side imports triton: pip install "
+                                         "moma_plugin[megatron-lm]")
+    root = checkout(tmp_path, how)
+    prefix, vocab_size = bundled
+    run_ranks(_job_rank, (1, free_port(), str(root), script, prefix, vocab_size, str(tmp_path / "out.pt")),
+              nprocs=1, timeout_s=300, what=f"{script}.py ({how})")
+    result = torch.load(tmp_path / "out.pt")
+    assert result["model"] == "MoMaGPTModel" and result["num_tokens"] == result["mask"]
+    report = result["report"]
+    lm_loss = float(report["lm loss"][0] / report["lm loss"][1])
+    assert lm_loss == pytest.approx(result["reference"], rel=1e-5)
+    # The returned loss adds the aux routers' BCE (times the tokens: Megatron divides by them).
+    aux = float(report["aux router loss"][0])
+    assert result["loss"] / result["num_tokens"] == pytest.approx(lm_loss + aux, rel=1e-5) and aux > 0
+    per_modality = [report[f"{m} lm loss"] for m in result["modalities"]]
+    assert sum(float(p[1]) for p in per_modality) == result["num_tokens"]
+    assert sum(float(p[0]) for p in per_modality) == pytest.approx(float(report["lm loss"][0]), rel=1e-6)
+    assert any(key.startswith("moma/layer") for key in report) and any(key.startswith("mod/") for key in report)
+
+
+def test_the_patch_leaves_plain_gpt_jobs_alone(tmp_path):
+    """Without --spec moma_plugin ... the wrapped builder and forward step are the stock ones."""
+    from moma_plugin import megatron_lm
+
+    calls = []
+    stock_builder = lambda *args, **kwargs: calls.append("builder") or "gpt"  # noqa: E731
+    args = type("Args", (), {"spec": None})()
+    assert megatron_lm.builder(stock_builder)(args, True, True) == "gpt" and calls == ["builder"]
+    args.spec = ["megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"]
+    assert not megatron_lm.uses_moma(args)
+    args.spec = ["moma_plugin", "moma_layer_spec"]
+    assert megatron_lm.uses_moma(args)
