@@ -1,7 +1,7 @@
 """What a Megatron-LM ``pretrain_gpt.py`` job needs to train a MoMa model.
 
-``patches/megatron-lm-core_v0.16.1.patch`` (and the ``core_v0.19.0`` one) wrap three things of the stock
-script with the functions here; ``examples/megatron_lm/pretrain_moma_gpt.py`` does the same without
+``patches/megatron-lm-core_v0.16.1.patch`` wraps three things of the stock script with the functions
+here; ``examples/megatron_lm/pretrain_moma_gpt.py`` does the same without
 patching. A job opts in with Megatron-LM's own flag, ``--spec moma_plugin moma_layer_spec``; without it
 every wrapped function hands over to the stock one, so the patched script still runs plain GPT jobs.
 
@@ -14,13 +14,16 @@ every wrapped function hands over to the stock one, so the patched script still 
   ``moma-preprocess`` writes beside the first ``--data-path`` prefix.
 - ``forward_step(stock_forward_step, get_batch)``: the script's ``get_batch`` (TP broadcast, context
   parallelism), then the model with the batch's modality ids; its ``loss_func`` adds the joint
-  aux-router loss (``--aux-router-joint``) and reports, through Megatron-LM's own logging and
-  TensorBoard writer, the loss of each modality (``text lm loss``...) and the routing metrics of
-  ``moma_plugin.metrics`` (``moma/layer0/image/tokens_per_expert_min``...).
+  aux-router loss (``--aux-router-joint``) and reports, through Megatron-LM's own logging, the loss of
+  each modality (``text lm loss``...). The routing metrics of ``moma_plugin.metrics``
+  (``moma/layer0/image/tokens_per_expert_min``...) go to Megatron-LM's TensorBoard writer directly:
+  their keys vary with the tokens a micro-batch holds, and Megatron-LM all-reduces every report key
+  over the data-parallel ranks, so a key one rank lacks would mismatch the collectives.
 
-Not yet (refused with a message): pipeline parallelism (a stage without tokens has no modality ids)
-and expert parallelism (Megatron-LM's DDP would need to reduce the MoMa experts over expert-DP).
-docs/MEGATRON_LM.md has the commands.
+Not yet (refused with a message): pipeline parallelism (a stage without tokens has no modality ids),
+expert parallelism (Megatron-LM's DDP would need to reduce the MoMa experts over expert-DP), and
+checkpoints in ``torch_dist`` format (the stacked experts have no ``sharded_state_dict``; use
+``--ckpt-format torch``). docs/MEGATRON_LM.md has the commands.
 """
 
 from functools import partial
@@ -82,6 +85,16 @@ def moma_config(args) -> MoMaConfig:
     """``MoMaConfig`` from Megatron-LM's arguments (its own translation, MoMa fields by name)."""
     from megatron.training.arguments import core_transformer_config_from_args
 
+    check_args(args)
+    args.moma_vocab_ranges = vocab_ranges(args)
+    return core_transformer_config_from_args(args, config_class=MoMaConfig)
+
+
+def check_args(args):
+    """What MoMa cannot run yet in a Megatron-LM job: a ValueError saying what to pass instead."""
+    if args.save and getattr(args, "ckpt_format", "torch") != "torch":
+        raise ValueError(f"MoMa under Megatron-LM saves with --ckpt-format torch only (the stacked experts have "
+                         f"no sharded_state_dict for {args.ckpt_format} yet): add --ckpt-format torch")
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("MoMa under Megatron-LM with --pipeline-model-parallel-size > 1 is not supported "
                          "yet (later stages get no token ids to derive modality ids from); use PP 1")
@@ -89,8 +102,6 @@ def moma_config(args) -> MoMaConfig:
         raise ValueError("MoMa under Megatron-LM with --expert-model-parallel-size > 1 is not supported yet "
                          "(Megatron-LM's DDP must reduce the MoMa experts over the expert-data-parallel "
                          "group; not tested): use EP 1 here, or moma-pretrain for expert parallelism")
-    args.moma_vocab_ranges = vocab_ranges(args)
-    return core_transformer_config_from_args(args, config_class=MoMaConfig)
 
 
 def build_moma_gpt(args, pre_process=True, post_process=True, vp_stage=None, config=None,
@@ -159,8 +170,9 @@ def loss_func(loss_mask: torch.Tensor, label_modality: torch.Tensor, model: MoMa
               output_tensor: torch.Tensor):
     """Megatron-LM's GPT loss (sum over unmasked tokens, their number, a report of [sum, count]
     pairs it averages over the global batch), plus the joint aux-router loss (counted per micro-batch
-    as Megatron divides the sum by the tokens) and per-modality losses and routing metrics in the
-    report."""
+    as Megatron divides the sum by the tokens) and per-modality losses in the report (a modality
+    absent from the whole global batch reads NaN: no tokens). Unlike moma-pretrain, Megatron-LM's
+    --clip-grad takes the aux routers' gradients into the model's norm."""
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
@@ -174,7 +186,19 @@ def loss_func(loss_mask: torch.Tensor, label_modality: torch.Tensor, model: MoMa
     if aux is not None:
         loss = loss + aux.float() * num_tokens
         report["aux router loss"] = torch.stack([aux.detach().float(), torch.ones_like(aux.float())])
-    one = torch.ones((), device=losses.device)
-    for key, value in collect_routing_metrics(model).items():
-        report[key] = torch.stack([one * value, one])
+    log_routing_metrics(model)
     return loss, num_tokens, report
+
+
+def log_routing_metrics(model: MoMaGPTModel):
+    """This micro-batch's routing metrics, to Megatron-LM's TensorBoard writer (on the rank that has
+    one) at the current iteration; read (and reset) on every rank."""
+    from megatron.training import get_args
+    from megatron.training.global_vars import get_tensorboard_writer
+
+    metrics = collect_routing_metrics(model)
+    writer = get_tensorboard_writer()
+    if writer is not None:
+        iteration = getattr(get_args(), "curr_iteration", 0)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, iteration)

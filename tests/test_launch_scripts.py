@@ -62,7 +62,7 @@ def test_the_megatron_lm_script_prints_its_command():
     assert proc.returncode == 0, proc.stderr
     assert ("torchrun --nnodes 1 --nproc-per-node 8 --master-addr localhost --master-port 20000 pretrain_gpt.py "
             "--spec moma_plugin moma_layer_spec --tensor-model-parallel-size 2") in proc.stdout
-    assert "--save /ckpt --load /ckpt --exit-signal-handler --num-layers 2" in proc.stdout
+    assert "--save /ckpt --load /ckpt --ckpt-format torch --exit-signal-handler --num-layers 2" in proc.stdout
     missing = dry_run("megatron_lm.sbatch", GLOBAL_BATCH_SIZE="16")
     assert missing.returncode != 0 and "set MEGATRON_LM" in missing.stderr
 

@@ -9,6 +9,7 @@ which here keep it on the CPU. Everything else is Megatron-LM's own code."""
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def checkout(into: Path, how: str) -> Path:
     return root
 
 
-def megatron_args(prefix: str, vocab_size: int):
+def megatron_args(prefix: str, vocab_size: int, tensorboard: str):
     """Megatron-LM flags of a tiny MoMa model on the bundled corpus (what a user's job passes)."""
     return ["--spec", "moma_plugin", "moma_layer_spec", "--moma-experts", "4t4i", "--mod-interval", "2",
             "--mod-capacity", "0.5", "--aux-router-joint",
@@ -62,14 +63,14 @@ def megatron_args(prefix: str, vocab_size: int):
             "--position-embedding-type", "learned_absolute", "--transformer-impl", "local", "--normalization",
             "RMSNorm", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--use-cpu-initialization",
-            "--seed", "7"]
+            "--seed", "7", "--tensorboard-dir", tensorboard]
 
 
 def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     sys.path.insert(0, root)
-    sys.argv = ["pretrain_gpt.py", *megatron_args(prefix, vocab_size)]
+    sys.argv = ["pretrain_gpt.py", *megatron_args(prefix, vocab_size, f"{out}.tb")]
     torch.set_num_threads(1)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # STAND_INS
     torch.cuda.current_device = lambda: "cpu"
@@ -97,6 +98,9 @@ def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size)))
     output, loss_func = job.forward_step(iter([batch]), model)
     loss, num_tokens, report = loss_func(output)
+    from megatron.training.global_vars import get_tensorboard_writer
+
+    get_tensorboard_writer().flush()
 
     # moma-pretrain's model from the same flags, with the Megatron-LM model's weights
     layout = VocabularyLayout.load(f"{prefix}.vocab.json")
@@ -150,7 +154,31 @@ def test_a_megatron_lm_job_trains_moma_like_moma_pretrain(tmp_path, bundled, how
     per_modality = [report[f"{m} lm loss"] for m in result["modalities"]]
     assert sum(float(p[1]) for p in per_modality) == result["num_tokens"]
     assert sum(float(p[0]) for p in per_modality) == pytest.approx(float(report["lm loss"][0]), rel=1e-6)
-    assert any(key.startswith("moma/layer") for key in report) and any(key.startswith("mod/") for key in report)
+    # The same keys on every rank and micro-batch (Megatron-LM all-reduces each): the routing metrics,
+    # whose keys follow the tokens, go to its TensorBoard writer instead.
+    assert set(report) == {"lm loss", "aux router loss", *(f"{m} lm loss" for m in result["modalities"])}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(tmp_path / "out.pt.tb")).Reload().Tags()["scalars"]
+    assert any(tag.startswith("moma/layer") for tag in scalars) and any(tag.startswith("mod/") for tag in scalars)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ckpt_format": "torch_dist"}, "add --ckpt-format torch"),
+    ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size > 1 is not supported yet"),
+    ({"expert_model_parallel_size": 2}, "--expert-model-parallel-size > 1 is not supported yet")])
+def test_what_megatron_lm_jobs_cannot_do_yet_is_refused(change, message):
+    from types import SimpleNamespace
+
+    from moma_plugin import megatron_lm
+
+    args = SimpleNamespace(save="ckpt", ckpt_format="torch", pipeline_model_parallel_size=1,
+                           expert_model_parallel_size=1)
+    megatron_lm.check_args(args)
+    for key, value in change.items():
+        setattr(args, key, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        megatron_lm.check_args(args)
 
 
 def test_the_patch_leaves_plain_gpt_jobs_alone(tmp_path):

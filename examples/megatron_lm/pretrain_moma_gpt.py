@@ -1,8 +1,9 @@
 """Megatron-LM's ``pretrain_gpt.py`` with MoMa, for a checkout left unpatched: copy this file beside
 ``pretrain_gpt.py`` and run it in its place with the same flags plus
 ``--spec moma_plugin moma_layer_spec`` and the MoMa flags (docs/MEGATRON_LM.md). It reuses the stock
-script's data, batch and loss code and wraps its builder and forward step (``moma_plugin.megatron_lm``),
-exactly as ``patches/megatron-lm-core_v0.16.1.patch`` does inside it. Written for Megatron-LM core_v0.16.1.
+script's data, batch and loss code and wraps its builder and forward step (``moma_plugin.megatron_lm``)
+as ``patches/megatron-lm-core_v0.16.1.patch`` does inside it; it leaves out the stock script's
+in-process restart wrapper and startup timestamps. Written for Megatron-LM core_v0.16.1.
 """
 
 from functools import partial
