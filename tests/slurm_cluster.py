@@ -35,7 +35,11 @@ class Cluster:
         self.root = root
         self.host = socket.gethostname().split(".")[0]
         self.conf = root / "slurm.conf"
-        self.env: Dict[str, str] = dict(os.environ, SLURM_CONF=str(self.conf))
+        # Jobs inherit this environment (sbatch exports it): not the rendezvous of pytest's own process
+        # groups, which other tests may still hold.
+        self.env: Dict[str, str] = {k: v for k, v in os.environ.items()
+                                    if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        self.env["SLURM_CONF"] = str(self.conf)
         self.pids = []
 
     def start(self, timeout_s: float = 30):
