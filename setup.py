@@ -7,8 +7,11 @@ setup(
     packages=find_packages(include=["moma_plugin", "moma_plugin.*"]),
     python_requires=">=3.10",
     # torch is pinned by the installer (a CPU wheel here, the cluster's CUDA build elsewhere).
+    # megatron-core: the lines CI tests (0.16 on Python 3.11, 0.19 on 3.12; README, "Tested versions");
+    # the plugin uses Megatron internals (moma_plugin/megatron_compat.py), so the bound moves only
+    # when a new line is tested.
     install_requires=[
-        "torch>=2.4", "megatron-core>=0.14", "numpy", "pyyaml",
+        "torch>=2.4", "megatron-core>=0.16.1,<0.20", "numpy", "pyyaml",
         # data pipeline: BPE text tokenizer, k-means image codebook, images bundled in scikit-learn
         "tokenizers>=0.15", "scikit-learn>=1.3", "pillow", "tqdm",
         # training job: TensorBoard event files, loss-vs-FLOPs plots

@@ -30,6 +30,7 @@ from .block import MoMaTransformerBlock
 from .config import ExpertGroup, MoMaConfig, expert_capacity, parse_expert_groups
 from .layer import MoMaTransformerLayer, MoMaTransformerLayerSubmodules
 from .layout import ModalityLayout, build_modality_layout, modality_ids_from_tokens, narrow_layout
+from . import megatron_compat
 from .metrics import collect_routing_metrics
 from .model import MoMaGPTModel
 from .moma_mlp import MoMaMLP, MoMaMLPSubmodules
@@ -41,6 +42,9 @@ from .specs import (
 )
 
 __version__ = "0.1.0"
+
+# A warning where the installed megatron-core is not a line CI tests (megatron_compat.TESTED_LINES).
+megatron_compat.warn_if_untested()
 
 __all__ = [
     "AuxRouter", "KVCache", "collect_aux_metrics", "has_trained_aux_routers", "mark_aux_routers_trained",

@@ -15,7 +15,6 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import Fp8Recipe
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer import transformer_block
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -24,6 +23,7 @@ from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
 from .layout import ModalityLayout
+from .megatron_compat import block_default_norm, num_layers_to_build, refuse_unsupported_block_arguments
 from .specs import SequenceParallelTorchNorm
 
 
@@ -44,13 +44,13 @@ class MoMaTransformerBlock(TransformerBlock):
     def __init__(self, config, spec, *args, pg_collection=None, vp_stage=None, **kwargs):
         if (config.sequence_parallel and isinstance(spec, ModuleSpec)
                 and issubclass(spec.module, BaseTransformerLayer)
-                and transformer_block.LayerNormImpl is WrappedTorchNorm):
+                and block_default_norm() is WrappedTorchNorm):
             # For a layer spec Megatron's block builds torch's norm as the final norm, which
             # refuses sequence parallelism: the local spec's own norm takes it.
             pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
             pp_rank = get_pg_rank(getattr(pg_collection, "pp", None))
             spec = TransformerBlockSubmodules(
-                layer_specs=[spec] * transformer_block.get_num_layers_to_build(config, vp_stage, pp_rank),
+                layer_specs=[spec] * num_layers_to_build(config, vp_stage, pp_rank),
                 layer_norm=SequenceParallelTorchNorm)
         super().__init__(config, spec, *args, pg_collection=pg_collection, vp_stage=vp_stage, **kwargs)
         unsupported = [
@@ -82,6 +82,7 @@ class MoMaTransformerBlock(TransformerBlock):
         **unused,
     ) -> Tensor:
         """hidden_states [s, b, H] -> [s, b, H]; ``modality_layout`` covers the s*b tokens."""
+        refuse_unsupported_block_arguments(unused)
         if not self.pre_process:
             hidden_states = self.input_tensor  # set by the pipeline schedule (set_input_tensor)
         hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)

@@ -17,6 +17,7 @@ attention and the MLP (``_split_sequence``); every rank then holds the same whol
 import contextlib
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -38,6 +39,7 @@ from .attention import KVCache, SDPACoreAttention
 from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import MoMaConfig
 from .layout import ModalityLayout, count_ids, narrow_layout
+from .megatron_compat import forward_attention, forward_mlp
 from .moma_mlp import GroupRouter, MoMaMLP, sequence_parallel_group
 from .routing import sigmoid_scores
 
@@ -280,14 +282,14 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
                 packed_len, batch, *rotary_pos_emb.shape[2:])
         with self._kv_cache_scope(kv_cache, counts_B):
             attended = _split_sequence(
-                lambda x: self._forward_attention(x, rotary_pos_emb=rotary)[0],
+                lambda x: forward_attention(self, x, rotary_pos_emb=rotary),
                 packed_PH.view(packed_len, batch, hidden), tp_group)
         y_K1H = attended.reshape(-1, hidden).index_select(0, packed_index_K).unsqueeze(1)
         scope = contextlib.nullcontext()
         if self.has_moma_mlp:
             scope = self.mlp.routing_layout(narrow_layout(layout, selected_K, selected_per_modality))
         with scope:
-            out_K1H = _split_sequence(self._forward_mlp, y_K1H, tp_group)
+            out_K1H = _split_sequence(partial(forward_mlp, self), y_K1H, tp_group)
         out_KH = out_K1H.reshape(num_selected, hidden)
         if not self.is_mod:
             return x_TH.index_copy(0, selected_K, out_KH).view(seq, batch, hidden)

@@ -1,17 +1,21 @@
 """What a Megatron-LM ``pretrain_gpt.py`` job needs to train a MoMa model.
 
-``patches/megatron-lm-core_v0.16.1.patch`` wraps three things of the stock script with the functions
-here; ``examples/megatron_lm/pretrain_moma_gpt.py`` does the same without
-patching. A job opts in with Megatron-LM's own flag, ``--spec moma_plugin moma_layer_spec``; without it
-every wrapped function hands over to the stock one, so the patched script still runs plain GPT jobs.
+``patches/megatron-lm-core_v0.16.1.patch`` and ``patches/megatron-lm-core_v0.19.0.patch`` wrap three
+things of the stock script with the functions here; ``examples/megatron_lm/pretrain_moma_gpt.py`` does
+the same without patching. A job opts in with Megatron-LM's own flag, ``--spec moma_plugin
+moma_layer_spec``; without it every wrapped function hands over to the stock one, so the patched script
+still runs plain GPT jobs. What differs between Megatron-LM releases goes through
+``moma_plugin.megatron_compat``.
 
 - ``extra_args_provider(other)``: the MoMa flags (``moma_plugin.args.add_moma_args``), chained with
   the script's own provider (ModelOpt's, where installed).
-- ``builder(stock_builder)``: ``gpt_builder``'s replacement. It builds ``MoMaConfig`` with Megatron-LM's
-  ``core_transformer_config_from_args(args, config_class=MoMaConfig)`` and ``MoMaGPTModel`` with the
-  MoMa layer spec (local, or Transformer Engine under ``--transformer-impl transformer_engine``).
-  Modality ids come from token ids: ``--moma-vocab-ranges``, or the ``.vocab.json`` that
-  ``moma-preprocess`` writes beside the first ``--data-path`` prefix.
+- The model: ``MoMaConfig`` from Megatron-LM's ``core_transformer_config_from_args(args,
+  config_class=MoMaConfig)`` and ``MoMaGPTModel`` with the MoMa layer spec (local, or Transformer Engine
+  under ``--transformer-impl transformer_engine``). core_v0.16 builds it through ``builder(gpt_builder)``,
+  core_v0.19 through ``config_from_args(gpt_config_from_args)``, whose model config names
+  ``moma_plugin.megatron_lm_builder``'s builder. Modality ids come from token ids:
+  ``--moma-vocab-ranges``, or the ``.vocab.json`` that ``moma-preprocess`` writes beside the first
+  ``--data-path`` prefix.
 - ``forward_step(stock_forward_step, get_batch)``: the script's ``get_batch`` (TP broadcast, context
   parallelism), then the model with the batch's modality ids; its ``loss_func`` adds the joint
   aux-router loss (``--aux-router-joint``) and reports, through Megatron-LM's own logging, the loss of
@@ -21,9 +25,9 @@ every wrapped function hands over to the stock one, so the patched script still 
   over the data-parallel ranks, so a key one rank lacks would mismatch the collectives.
 
 Not yet (refused with a message): pipeline parallelism (a stage without tokens has no modality ids),
-expert parallelism (Megatron-LM's DDP would need to reduce the MoMa experts over expert-DP), and
-checkpoints in ``torch_dist`` format (the stacked experts have no ``sharded_state_dict``; use
-``--ckpt-format torch``). docs/MEGATRON_LM.md has the commands.
+expert parallelism (Megatron-LM's DDP would need to reduce the MoMa experts over expert-DP), packed
+sequences, and checkpoints in ``torch_dist`` format (the stacked experts have no
+``sharded_state_dict``; use ``--ckpt-format torch``). docs/MEGATRON_LM.md has the commands.
 """
 
 from functools import partial
@@ -36,6 +40,7 @@ from .args import add_moma_args
 from .aux_router import pop_aux_loss, set_aux_router_training
 from .config import MoMaConfig
 from .layout import modality_ids_from_tokens
+from .megatron_compat import megatron_lm_batch
 from .metrics import collect_routing_metrics
 from .model import MoMaGPTModel
 from .specs import get_moma_layer_spec
@@ -105,9 +110,9 @@ def check_args(args):
 
 
 def build_moma_gpt(args, pre_process=True, post_process=True, vp_stage=None, config=None,
-                   pg_collection=None) -> MoMaGPTModel:
+                   pg_collection=None, vocab_size: Optional[int] = None) -> MoMaGPTModel:
     """``MoMaGPTModel`` as ``gpt_builder`` builds ``GPTModel``: the same arguments, MoMa's config and
-    layer spec."""
+    layer spec; ``vocab_size`` (padded) defaults to ``args.padded_vocab_size``."""
     config = config if isinstance(config, MoMaConfig) else moma_config(args)
     if tuple(args.spec) == SPEC:
         spec = get_moma_layer_spec(config, use_te=args.transformer_impl == "transformer_engine")
@@ -116,7 +121,7 @@ def build_moma_gpt(args, pre_process=True, post_process=True, vp_stage=None, con
 
         spec = import_module(args.spec)
     model = MoMaGPTModel(
-        config, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+        config, spec, vocab_size=vocab_size or args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process, post_process=post_process, fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
@@ -129,13 +134,31 @@ def build_moma_gpt(args, pre_process=True, post_process=True, vp_stage=None, con
 
 
 def builder(stock_builder: Callable) -> Callable:
-    """``gpt_builder``'s replacement: MoMa under ``--spec moma_plugin ...``, else ``stock_builder``."""
+    """core_v0.16: ``gpt_builder``'s replacement: MoMa under ``--spec moma_plugin ...``, else
+    ``stock_builder``."""
     def build(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
         if not uses_moma(args):
             return stock_builder(args, pre_process, post_process, vp_stage, config=config,
                                  pg_collection=pg_collection)
         return build_moma_gpt(args, pre_process, post_process, vp_stage, config, pg_collection)
     return build
+
+
+def config_from_args(stock_config_from_args: Callable) -> Callable:
+    """core_v0.19: ``gpt_config_from_args``'s replacement: under ``--spec moma_plugin ...`` a
+    ``MoMaGPTModelConfig`` holding ``MoMaConfig`` (its builder builds ``MoMaGPTModel``), else the stock
+    config."""
+    def make(args, config=None, **kwargs):
+        if not uses_moma(args):
+            return stock_config_from_args(args, config, **kwargs)
+        if kwargs.get("model_config_cls") is not None:
+            raise ValueError(f"MoMa under Megatron-LM does not combine with {kwargs['model_config_cls'].__name__} "
+                             "(ModelOpt): leave ModelOpt off for a MoMa job")
+        from .megatron_lm_builder import MoMaGPTModelConfig
+
+        config = config if isinstance(config, MoMaConfig) else moma_config(args)
+        return stock_config_from_args(args, config, model_config_cls=MoMaGPTModelConfig)
+    return make
 
 
 def _unwrapped(model):
@@ -155,13 +178,16 @@ def forward_step(stock_forward_step: Callable, get_batch: Callable) -> Callable:
         if return_schedule_plan:
             raise ValueError("MoMa does not build schedule plans (--overlap-moe-expert-parallel-comm)")
         moma = _unwrapped(model)
-        tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_params = get_batch(
-            data_iterator, getattr(moma, "vp_stage", None))
+        batch = megatron_lm_batch(get_batch(data_iterator, getattr(moma, "vp_stage", None)))
+        if batch.get("packed_seq_params") is not None or batch.get("cu_seqlens") is not None:
+            raise ValueError("MoMa under Megatron-LM does not take packed sequences yet (--sft, "
+                             "--dataloader-inter-document-masking): leave them off")
+        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         config = moma.config
         modality_ids = modality_ids_from_tokens(tokens, config.moma_vocab_ranges, config.moma_modalities)
         label_modality = modality_ids_from_tokens(labels, config.moma_vocab_ranges, config.moma_modalities)
-        output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask,
-                       packed_seq_params=packed_seq_params, modality_ids=modality_ids)
+        output = model(tokens, batch["position_ids"], batch["attention_mask"], labels=labels,
+                       loss_mask=loss_mask, modality_ids=modality_ids)
         return output, partial(loss_func, loss_mask, label_modality, moma)
     return step
 

@@ -1,5 +1,5 @@
-"""Test harness: one gloo process group (world size 1) for the in-process tests, a `gpu` marker, and a
-launcher for multi-process tests."""
+"""Test harness: one gloo process group (world size 1) for the in-process tests, the `gpu` and `slow`
+markers, and a launcher for multi-process tests."""
 
 import os
 import socket
@@ -31,11 +31,24 @@ def run_ranks(function, args, nprocs: int = 2, timeout_s: float = 180, what: str
             pytest.fail(f"{what} did not finish within {timeout_s} s")
 
 
+# `slow`: multi-process training runs and end-to-end commands, a minute or more of CI each, whose code
+# does not depend on the megatron-core line beyond what the rest of the suite covers (the engines,
+# DeepSpeed and torch are the same in both CI environments). .ci/run's second environment (Python 3.12,
+# megatron-core 0.19) deselects them to stay within CI's time; its first runs everything. Besides the
+# tests marked where they are defined, every test of these big shared fixtures is `slow`:
+SLOW_FIXTURES = {"pretrain_results",  # test_engines.py: every engine, one and two processes
+                 "ep_runs"}  # test_expert_parallel.py: every engine under expert parallelism
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long multi-process runs; deselect with -m 'not slow' (conftest.py)")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -6,6 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # conftest.py: the Python 3.12 CI environment deselects it
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The benchmarks start their own process groups: not on the port of this process's group.
 ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -159,6 +159,7 @@ def _stage_two_rank(rank, port, load, workdir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_stage_two_over_two_data_parallel_ranks(pretrained, tmp_path):
     """Each rank trains on its own micro-batches; gradients are averaged, so both ranks hold the same
     routers (rank 0 writes the checkpoint) and report the same held-out numbers."""

@@ -106,6 +106,7 @@ def _wait_for(proc, text: str, timeout_s: float = 180):
     raise AssertionError(f"process ended before {text!r}:\n{''.join(lines)}\n{proc.stderr.read()}")
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     command = [*FAST, "--train-iters", "100000", "--run-dir", str(run_dir)]
@@ -221,6 +222,7 @@ loop.main(sys.argv[3:])
     ("evaluate", "SIGINT", 130), ("_plot", "SIGINT", 130),
     ("destroy_process_group", "SIGTERM", 0), ("destroy_process_group", "SIGINT", 130),  # the teardown
 ])
+@pytest.mark.slow
 def test_a_signal_after_the_last_iteration_still_ends_with_the_final_checkpoint(tmp_path, where, name,
                                                                                status):
     run_dir = tmp_path / "run"
@@ -236,6 +238,7 @@ def test_a_signal_after_the_last_iteration_still_ends_with_the_final_checkpoint(
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_sigterm_during_the_set_up_stops_before_the_first_step(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING, "setup_parallel", "SIGTERM", *FAST,
@@ -247,6 +250,7 @@ def test_a_sigterm_during_the_set_up_stops_before_the_first_step(tmp_path):
     assert "iteration      1/" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_to_moma_torchrun_exits_0_after_the_workers_saved_on_every_node(tmp_path):
     """Two launchers (two "nodes" of one worker each, c10d rendezvous on this host), as SLURM starts
     them: SIGTERM to both, as preemption does; each exits 0 once its node's worker reports the save."""
@@ -320,6 +324,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_checkpoint_disk_stops_the_run_with_a_message_and_keeps_the_last_checkpoint(small_disk,
                                                                                            tmp_path):
     proc = run_cli([*FAST, "--train-iters", "4", "--run-dir", str(tmp_path / "run"),
@@ -330,6 +335,7 @@ def test_a_full_checkpoint_disk_stops_the_run_with_a_message_and_keeps_the_last_
     assert not list((small_disk / "checkpoints").glob("*.tmp"))  # nothing half-written is left
 
 
+@pytest.mark.slow
 def test_a_full_run_directory_does_not_stop_a_run_whose_checkpoint_disk_has_room(small_disk, tmp_path):
     run_dir = small_disk / "run"
     run_dir.mkdir()

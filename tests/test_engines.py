@@ -98,6 +98,7 @@ def _no_hang_rank(rank, world, port, workdir, name, engine_flags, starved):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("starved", ["image", "text"])
 def test_a_rank_without_tokens_of_one_modality_never_hangs(tmp_path, starved):
     """Rank 1's micro-batches hold no image tokens (then no text tokens), with MoD and jointly

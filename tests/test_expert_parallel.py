@@ -149,6 +149,7 @@ def _fsdp2_expert_shards_rank(rank, world, port, workdir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_experts_over_the_expert_data_parallel_group(tmp_path):
     run_ranks(_fsdp2_expert_shards_rank, (4, free_port(), str(tmp_path)), nprocs=4, timeout_s=180,
               what="FSDP2 at EP 2 on 4 ranks")
@@ -294,7 +295,7 @@ def _pretrain_rank(rank, world, port, workdir, names):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def ep_runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ep")
     results = {}
     for world, names in STAGES:
@@ -307,12 +308,13 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["ep2", "tp2-ep2", "tp2-sp", "tp2-sp-fsdp2", "tp2-ep2-sp", "ep2-fsdp2",
                                   "ep2-dp4-fsdp2"])
-def test_expert_parallel_training_equals_one_process(runs, name):
+def test_expert_parallel_training_equals_one_process(ep_runs, name):
     """Per-iteration losses within 1e-5 of one process with every expert (a MoD layer and joint aux
     routers on): the experts' gradients reduced over the expert-data-parallel group, clipping counting
     each expert once; with sequence parallelism, MoMa and MoD layers routing the gathered sequence
     and the norms' gradients summed over the TP group."""
-    (reference, _, reference_norms, parameters), (losses, status, norms, counted) = runs["ref"], runs[name]
+    (reference, _, reference_norms, parameters), (losses, status, norms, counted) = (ep_runs["ref"],
+                                                                                    ep_runs[name])
     assert counted == parameters  # the start-of-run count holds every rank's experts
     assert status == "completed" and sorted(losses) == sorted(reference)
     for i, loss in losses.items():
@@ -325,25 +327,26 @@ def test_expert_parallel_training_equals_one_process(runs, name):
     ("ep2-zero2", "zero2", 1e-5), ("ep2-dp4-zero1", "dp4-zero1", 1e-5),
     # bf16: the sums' rounding differs with EP
     ("ep2-zero2-bf16", "zero2-bf16", 2e-3), ("ep2-dp4-fsdp2-bf16", "dp4-fsdp2-bf16", 2e-3)])
-def test_expert_parallel_equals_the_same_engine_without_it(runs, name, reference, tolerance):
+def test_expert_parallel_equals_the_same_engine_without_it(ep_runs, name, reference, tolerance):
     """DeepSpeed ZeRO-2 at EP 2 (fp32 and bf16) and ZeRO-1 at EP 2 x expert-DP 2, the experts in
     DeepSpeed's expert parameter groups; FSDP2 in bf16 at EP 2 x expert-DP 2, the experts sharded over
     expert-DP: equal to the same engine without EP (losses and gradient norms; every step clipped).
     The references are the engines', not one process': DeepSpeed clips the aux routers' gradients
     with the model's, and bf16 rounds differently on another number of ranks."""
-    (reference, _, reference_norms, parameters), (losses, status, norms, counted) = runs[reference], runs[name]
+    (reference, _, reference_norms, parameters), (losses, status, norms, counted) = (ep_runs[reference],
+                                                                                    ep_runs[name])
     assert counted == parameters and status == "completed" and sorted(losses) == sorted(reference)
     for i, loss in losses.items():
         assert loss == pytest.approx(reference[i], rel=tolerance), (name, i)
         assert norms[i] == pytest.approx(reference_norms[i], rel=tolerance), (name, i)
 
 
-def test_a_deepspeed_expert_parallel_checkpoint_holds_every_expert(runs):
+def test_a_deepspeed_expert_parallel_checkpoint_holds_every_expert(ep_runs):
     """The rank file of DeepSpeed's EP 2 run holds the weights of every expert, as the run without EP
     holds them (DeepSpeed's own model file holds EP rank 0's only); resuming it at another EP size is
     refused with a message that says what to do."""
     def weights(save):
-        path = runs["workdir"] / save / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"
+        path = ep_runs["workdir"] / save / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"
         return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
     expert_parallel, whole = weights("ep2z"), weights("z2")
@@ -353,15 +356,15 @@ def test_a_deepspeed_expert_parallel_checkpoint_holds_every_expert(runs):
         if torch.is_tensor(value):
             torch.testing.assert_close(expert_parallel[key], value, rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"{key}: {m}")
-    refusal = runs["ep2-zero2-to-ep1"]
+    refusal = ep_runs["ep2-zero2-to-ep1"]
     assert "written by DeepSpeed at EP 2 on 2 data-parallel ranks; this run has EP 1 on 2" in refusal
     assert "--expert-model-parallel-size 2" in refusal and "moma-convert-checkpoint" in refusal
 
 
 @pytest.mark.parametrize("engine", ["", "-fsdp2", "-dp4-fsdp2", "-zero2", "-dp4-zero1", "-zero2-bf16"])  # -dp4: expert-DP 2
-def test_resume_under_expert_parallelism_is_exact(runs, engine):
-    straight, stop, resumed = (runs[f"ep2{engine}"][0], runs[f"ep2{engine}-stop"],
-                               runs[f"ep2{engine}-resumed"][0])
+def test_resume_under_expert_parallelism_is_exact(ep_runs, engine):
+    straight, stop, resumed = (ep_runs[f"ep2{engine}"][0], ep_runs[f"ep2{engine}-stop"],
+                               ep_runs[f"ep2{engine}-resumed"][0])
     assert stop[1] == "exit-interval" and sorted(stop[0]) == [1, 2] and sorted(resumed) == [3, 4]
     assert [resumed[i] for i in (3, 4)] == [straight[i] for i in (3, 4)]
 
@@ -370,25 +373,25 @@ def test_resume_under_expert_parallelism_is_exact(runs, engine):
                                   "ep2-fsdp2-to-ep4", "ep2-fsdp2-to-ep1", "ep2-fsdp2-to-fsdp2-ep1",
                                   "fsdp2-to-ep2-fsdp2", "fsdp2-to-ep2-dp4-fsdp2", "ep2-fsdp2-converted-to-ep1",
                                   "tp2-ep2-to-tp2"])
-def test_a_checkpoint_loads_at_another_expert_parallel_size(runs, name):
+def test_a_checkpoint_loads_at_another_expert_parallel_size(ep_runs, name):
     """Saved at EP 1 or 2 (or TP 2 x EP 2) after iteration 2 (ddp engine: every expert in the rank
     file; FSDP2: one DCP entry per expert; or converted to the single-file layout), resumed at EP 2, 1
     and 4, by either engine: iterations 3 and 4 as the run that did not stop (1e-5: another number of
     processes)."""
-    reference, (losses, status, _, _) = runs["ref"][0], runs[name]
+    reference, (losses, status, _, _) = ep_runs["ref"][0], ep_runs[name]
     assert status == "completed" and sorted(losses) == [3, 4]
     for i in (3, 4):
         assert losses[i] == pytest.approx(reference[i], rel=1e-5), (name, i)
 
 
 @pytest.mark.parametrize("saved", ["ep2", "ep2f", "ep2z"])
-def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(runs, saved,
+def test_generation_and_aux_router_training_read_an_expert_parallel_checkpoint(ep_runs, saved,
                                                                               megatron_single_process):
     """One process, every expert: the EP 2 checkpoint's rank file (ddp, DeepSpeed) or DCP entries
     (FSDP2) hold them all."""
     from moma_plugin.training import aux_routers, generate
 
-    load, out = runs["workdir"] / saved, runs["workdir"] / f"after-{saved}"
+    load, out = ep_runs["workdir"] / saved, ep_runs["workdir"] / f"after-{saved}"
     generated = generate.run(["--load", str(load), "--max-new-tokens", "4", "--compare-kv-cache",
                               "--output-dir", str(out / "gen")])
     assert generated["iteration"] == 4 and generated["kv_cache_matches_recompute"] is True

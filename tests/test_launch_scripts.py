@@ -10,6 +10,8 @@ import pytest
 
 from moma_plugin.slurm import check_layout
 
+pytestmark = pytest.mark.slow  # conftest.py: the Python 3.12 CI environment deselects it
+
 REPO = Path(__file__).resolve().parents[1]
 
 

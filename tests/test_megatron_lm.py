@@ -1,7 +1,9 @@
 """The plugin inside a real Megatron-LM checkout: ../shared/thirdparty's pristine training-side snapshot
-(core_v0.16.1, the version pip gives Python 3.11) unpacked into a temporary directory, patched with
-patches/megatron-lm-core_v0.16.1.patch as a user would (``git apply``), its own ``parse_args``,
-``model_provider``, datasets and ``forward_step`` run on CPU (gloo, one process).
+of the release matching the installed megatron-core (core_v0.16.1 under megatron-core 0.16, Python 3.11;
+core_v0.19.0 under 0.19, Python 3.12) unpacked into a temporary directory, patched with this repository's
+patch for it as a user would (``git apply``), its own argument parsing, model building, datasets and
+``forward_step`` run on CPU (gloo, one process). Both patches are also checked to apply to their
+release whichever megatron-core is installed.
 
 Stand-ins for Megatron-LM's CUDA-bound calls, inside the test process only (STAND_INS lists them): its
 batch loader moves the batch with ``Tensor.cuda`` and allocates on ``torch.cuda.current_device()``,
@@ -23,33 +25,62 @@ from .conftest import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 THIRDPARTY = REPO.parent / "shared" / "thirdparty"
-SNAPSHOTS = {version: THIRDPARTY / f"megatron-lm-core_{version}-training.tar.gz"
-             for version in ("v0.16.1", "v0.19.0")}
-STAND_INS = {"torch.Tensor.cuda": "returns the tensor itself (CPU): get_batch_on_this_tp_rank moves the "
-                                  "batch to the GPU with it",
+RELEASES = ("v0.16.1", "v0.19.0")  # Megatron-LM tags core_v..., each with its patch in patches/
+SNAPSHOTS = {version: THIRDPARTY / f"megatron-lm-core_{version}-training.tar.gz" for version in RELEASES}
+STAND_INS = {"torch.Tensor.cuda": "returns the tensor itself (CPU): get_batch moves the batch to the GPU "
+                                  "with it",
              "torch.cuda.current_device": "returns 'cpu': get_batch_on_this_tp_rank allocates the buffers "
                                           "it broadcasts there"}
+# docs/MEGATRON_LM.md's commands, as written there
+APPLY = {"v0.16.1": "git apply $MOMA_PLUGIN/patches/megatron-lm-core_v0.16.1.patch",
+         "v0.19.0": "git apply $MOMA_PLUGIN/patches/megatron-lm-core_v0.19.0.patch"}
 
-pytestmark = pytest.mark.skipif(not SNAPSHOTS["v0.16.1"].exists(),
-                                reason=f"no Megatron-LM snapshot at {SNAPSHOTS['v0.16.1']}")
+
+def installed_release():
+    """The Megatron-LM release matching the installed megatron-core (its training side must match)."""
+    from moma_plugin.megatron_compat import megatron_core_version
+
+    line = megatron_core_version()[:2]
+    return {(0, 16): "v0.16.1", (0, 19): "v0.19.0"}.get(line)
 
 
-APPLY = "git apply $MOMA_PLUGIN/patches/megatron-lm-core_v0.16.1.patch"  # docs/MEGATRON_LM.md, as written
+def unpack(version: str, into: Path) -> Path:
+    if not SNAPSHOTS[version].exists():
+        pytest.skip(f"no Megatron-LM snapshot at {SNAPSHOTS[version]}")
+    with tarfile.open(SNAPSHOTS[version]) as tar:
+        tar.extractall(into, filter="data")
+    return into / f"Megatron-LM-core_{version}"
 
 
 def checkout(into: Path, how: str) -> Path:
-    """The core_v0.16.1 snapshot unpacked into ``into``, made a MoMa job ``how`` a user would: this
-    repository's patch applied by git ("patch", the command of docs/MEGATRON_LM.md), or
+    """The snapshot of the installed release unpacked into ``into``, made a MoMa job ``how`` a user
+    would: this repository's patch applied by git ("patch", the command of docs/MEGATRON_LM.md), or
     examples/megatron_lm/pretrain_moma_gpt.py put beside the untouched pretrain_gpt.py ("script")."""
-    with tarfile.open(SNAPSHOTS["v0.16.1"]) as tar:
-        tar.extractall(into, filter="data")
-    root = into / "Megatron-LM-core_v0.16.1"
+    version = installed_release()
+    if version is None:
+        pytest.skip("no Megatron-LM snapshot for the installed megatron-core (tested: 0.16, 0.19)")
+    root = unpack(version, into)
     if how == "patch":
-        subprocess.run(["bash", "-e", "-c", APPLY], cwd=root, env=dict(os.environ, MOMA_PLUGIN=str(REPO)),
+        subprocess.run(["bash", "-e", "-c", APPLY[version]], cwd=root, env=dict(os.environ, MOMA_PLUGIN=str(REPO)),
                        check=True)
     else:
         shutil.copy(REPO / "examples" / "megatron_lm" / "pretrain_moma_gpt.py", root)
     return root
+
+
+@pytest.mark.parametrize("version", RELEASES)
+def test_each_patch_applies_to_its_release(tmp_path, version):
+    """Whichever megatron-core is installed: the patch applies cleanly to a pristine checkout, and
+    the patched script compiles."""
+    root = unpack(version, tmp_path)
+    patch = REPO / "patches" / f"megatron-lm-core_{version}.patch"
+    subprocess.run(["git", "apply", "--check", str(patch)], cwd=root, check=True)
+    subprocess.run(["bash", "-e", "-c", APPLY[version]], cwd=root, env=dict(os.environ, MOMA_PLUGIN=str(REPO)),
+                   check=True)
+    patched = (root / "pretrain_gpt.py").read_text()
+    compile(patched, "pretrain_gpt.py", "exec")
+    assert "from moma_plugin import megatron_lm as moma" in patched
+    assert "forward_step = moma.forward_step(forward_step, get_batch)" in patched
 
 
 def megatron_args(prefix: str, vocab_size: int, tensorboard: str):
@@ -93,7 +124,16 @@ def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
     validate_args(args)
     set_global_variables(args, build_tokenizer=True)
     torch.manual_seed(args.seed)
-    model = pretrain_gpt.model_provider(job.gpt_builder)
+    if hasattr(job, "gpt_config_from_args"):  # core_v0.19: what pretrain() builds from the model config
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        model_config = job.gpt_config_from_args(args)
+        builder = model_config.get_builder_cls()(model_config)
+        model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups())
+        built_by = type(builder).__name__
+    else:  # core_v0.16: model_provider with the builder
+        model = pretrain_gpt.model_provider(job.gpt_builder)
+        built_by = "model_provider"
     train, _, _ = job.train_valid_test_datasets_provider([4, 0, 0])
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size)))
     output, loss_func = job.forward_step(iter([batch]), model)
@@ -116,7 +156,8 @@ def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
     reference_loss = (forward_loss(reference, mine) * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     torch.save({"loss": float(loss.detach()), "num_tokens": int(num_tokens), "report": report,
                 "reference": float(reference_loss), "mask": float(batch["loss_mask"].sum()),
-                "model": type(model).__name__, "modalities": layout.modalities}, out)
+                "model": type(model).__name__, "modalities": layout.modalities,
+                "built_by": built_by}, out)
     torch.distributed.destroy_process_group()
 
 
@@ -145,6 +186,7 @@ def test_a_megatron_lm_job_trains_moma_like_moma_pretrain(tmp_path, bundled, how
               nprocs=1, timeout_s=300, what=f"{script}.py ({how})")
     result = torch.load(tmp_path / "out.pt")
     assert result["model"] == "MoMaGPTModel" and result["num_tokens"] == result["mask"]
+    assert result["built_by"] == {"v0.16.1": "model_provider", "v0.19.0": "MoMaGPTModelBuilder"}[installed_release()]
     report = result["report"]
     lm_loss = float(report["lm loss"][0] / report["lm loss"][1])
     assert lm_loss == pytest.approx(result["reference"], rel=1e-5)
@@ -193,3 +235,32 @@ def test_the_patch_leaves_plain_gpt_jobs_alone(tmp_path):
     assert not megatron_lm.uses_moma(args)
     args.spec = ["moma_plugin", "moma_layer_spec"]
     assert megatron_lm.uses_moma(args)
+    calls.clear()
+    stock_config = lambda args, config=None, **kwargs: calls.append(("config", config, kwargs)) or "cfg"  # noqa
+    args.spec = None
+    assert megatron_lm.config_from_args(stock_config)(args) == "cfg" and calls == [("config", None, {})]
+
+
+def test_a_moma_job_refuses_modelopt():
+    """core_v0.19's ModelOpt model config class is refused with what to do."""
+    from types import SimpleNamespace
+
+    from moma_plugin import megatron_lm
+
+    args = SimpleNamespace(spec=["moma_plugin", "moma_layer_spec"])
+    ModelOptModelConfig = type("ModelOptModelConfig", (), {})
+    with pytest.raises(ValueError, match="leave ModelOpt off"):
+        megatron_lm.config_from_args(lambda *a, **k: None)(args, model_config_cls=ModelOptModelConfig)
+
+
+@pytest.mark.parametrize("names", [
+    ("tokens", "labels", "loss_mask", "attention_mask", "position_ids", "packed_seq_params"),  # core_v0.16.1
+    ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "hybrid_cp_group", "labels", "local_cp_size",
+     "loss_mask", "max_seqlen", "position_ids", "tokens")])  # core_v0.19.0 (its BATCH_KEYS)
+def test_get_batch_of_either_release_is_read_by_name(names):
+    from moma_plugin.megatron_compat import megatron_lm_batch
+
+    batch = megatron_lm_batch([f"value of {name}" for name in names])
+    assert all(batch[name] == f"value of {name}" for name in names)
+    with pytest.raises(ValueError, match="returned 7 values"):
+        megatron_lm_batch(list(range(7)))

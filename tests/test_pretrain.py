@@ -113,6 +113,7 @@ def test_resume_is_exact(megatron_single_process, tmp_path):
     assert iterations == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")

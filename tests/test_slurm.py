@@ -21,7 +21,8 @@ RUN = ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--train-iters"
        "1", "--eval-interval", "1000", "--eval-iters", "1", "--save-interval", "1000", "--no-progress-bar",
        "--micro-batch-size", "2", "--global-batch-size", "8"]
 
-pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
+pytestmark = [pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools())),
+              pytest.mark.slow]  # conftest.py
 
 
 @pytest.fixture(scope="module")
