@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layout import is_new_forward
 from .routing import linear_fp32
 
 ROUTING_MODES = ("train", "causal")
@@ -114,7 +115,7 @@ class AuxRouterOwner:
         held-out accuracy can be measured; ``pop_aux_loss`` then discards the losses)."""
         if not self.aux_training or self.routing_mode != "train":
             return False
-        if forward_id is not None and forward_id == self._aux_forward_id:
+        if not is_new_forward(forward_id, self._aux_forward_id):
             return False
         self._aux_forward_id = forward_id
         return True

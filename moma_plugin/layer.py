@@ -38,7 +38,7 @@ from torch import Tensor
 from .attention import KVCache, SDPACoreAttention
 from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import MoMaConfig
-from .layout import ModalityLayout, count_ids, narrow_layout
+from .layout import ModalityLayout, count_ids, is_new_forward, narrow_layout
 from .megatron_compat import forward_attention, forward_mlp
 from .moma_mlp import GroupRouter, MoMaMLP, sequence_parallel_group
 from .routing import sigmoid_scores
@@ -320,7 +320,7 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
     def _record_mod_metrics(self, modality_T: Tensor, processed_M: Tensor, forward_id: Optional[int]):
         """Adds the processed tokens per modality (``processed_M``) and all tokens per modality to
         ``mod_tokens_M2``, once per forward id (not again when activation recompute reruns it)."""
-        if forward_id is not None and forward_id == self._mod_recorded_forward_id:
+        if not is_new_forward(forward_id, self._mod_recorded_forward_id):
             return
         self._mod_recorded_forward_id = forward_id
         self.mod_tokens_M2[:, 0] += processed_M

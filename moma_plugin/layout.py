@@ -26,8 +26,9 @@ class ModalityLayout:
         modality_ids_T: [T] int64 modality id of every token.
         order_T: [T] token indices sorted by modality (stable), i.e. the tokens of modality 0, then 1...
         counts: tokens per modality, as Python ints (read from the device once, at construction).
-        forward_id: a number unique to this layout, so a layer can tell a recomputed forward
-            (activation checkpointing) from a new one when it records metrics.
+        forward_id: a number unique to this layout and larger than every earlier layout's, so a layer
+            can tell a recomputed forward (activation checkpointing) from a new one when it records
+            metrics or aux losses (``is_new_forward``).
     """
 
     modality_ids_T: Tensor
@@ -52,6 +53,13 @@ class ModalityLayout:
 
     def token_count(self, modalities: Sequence[int]) -> int:
         return sum(self.counts[m] for m in modalities)
+
+
+def is_new_forward(forward_id: Optional[int], newest_recorded: Optional[int]) -> bool:
+    """Whether a forward with ``forward_id`` is recorded for the first time, given the newest id a
+    layer recorded. Ids grow with every layout built; a recomputed forward reuses its older id, also
+    when later micro-batches ran forward in between (pipeline parallelism's 1F1B schedule)."""
+    return forward_id is None or newest_recorded is None or forward_id > newest_recorded
 
 
 def build_modality_layout(modality_ids_SB: Tensor, num_modalities: int) -> ModalityLayout:

@@ -34,7 +34,7 @@ from .experts import (
     run_experts_loop,
     run_experts_padded,
 )
-from .layout import ModalityLayout
+from .layout import ModalityLayout, is_new_forward
 from .routing import balanced_choice, expert_choice, linear_fp32, sigmoid_scores, threshold_choice
 
 
@@ -258,7 +258,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
     @torch.no_grad()
     def _record_metrics(self, layout: ModalityLayout, plan: RoutingPlan):
         # Activation recomputation runs this forward twice with the same layout: count it once.
-        if self._recorded_forward_id == layout.forward_id:
+        if not is_new_forward(layout.forward_id, self._recorded_forward_id):
             return
         self._recorded_forward_id = layout.forward_id
         num_modalities, num_experts = self.tokens_per_expert_ME.shape
