@@ -43,6 +43,7 @@ from .layout import modality_ids_from_tokens
 from .megatron_compat import megatron_lm_batch
 from .metrics import collect_routing_metrics
 from .model import MoMaGPTModel
+from .pipeline import stage_of
 from .specs import get_moma_layer_spec
 
 SPEC = ("moma_plugin", "moma_layer_spec")
@@ -161,12 +162,6 @@ def config_from_args(stock_config_from_args: Callable) -> Callable:
     return make
 
 
-def _unwrapped(model):
-    from megatron.core.utils import get_attr_wrapped_model
-
-    return get_attr_wrapped_model(model, "decoder", return_model_obj=True)
-
-
 def forward_step(stock_forward_step: Callable, get_batch: Callable) -> Callable:
     """The script's ``forward_step`` under MoMa: its ``get_batch``, the batch's modality ids (from
     token ids) passed to the model, and ``loss_func`` below."""
@@ -177,7 +172,7 @@ def forward_step(stock_forward_step: Callable, get_batch: Callable) -> Callable:
             return stock_forward_step(data_iterator, model, return_schedule_plan)
         if return_schedule_plan:
             raise ValueError("MoMa does not build schedule plans (--overlap-moe-expert-parallel-comm)")
-        moma = _unwrapped(model)
+        moma = stage_of(model)
         batch = megatron_lm_batch(get_batch(data_iterator, getattr(moma, "vp_stage", None)))
         if batch.get("packed_seq_params") is not None or batch.get("cu_seqlens") is not None:
             raise ValueError("MoMa under Megatron-LM does not take packed sequences yet (--sft, "
