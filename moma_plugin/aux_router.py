@@ -185,31 +185,44 @@ def pop_aux_loss(model: torch.nn.Module):
     return torch.stack(losses).sum() if losses else None
 
 
-def collect_aux_metrics(model: torch.nn.Module, reset: bool = True) -> Dict[str, float]:
-    """Accuracy, precision, recall of each aux router against the expert-choice targets, per layer
-    and modality, e.g. ``aux/layer1/image/experts_accuracy`` and ``aux/layer0/text/mod_recall`` (layers
-    counted from 0, as in parameter names);
-    plus ``aux/accuracy`` over everything. Decisions counted since the last reset."""
-    metrics: Dict[str, float] = {}
-    total = torch.zeros(4, dtype=torch.long)
+def aux_confusions(model: torch.nn.Module, reset: bool = True) -> Dict[Tuple[int, str], torch.Tensor]:
+    """{(layer counted from 0, "experts" or "mod"): [M, 4] counts of true/false positives, false/true
+    negatives} of each aux router since the last reset."""
+    confusions = {}
     for owner in aux_owners(model):
-        layer = owner.layer_number - 1
         for kind, router in owner.aux_routers():
-            confusion = router.confusion_M4.cpu()
-            for modality, name in enumerate(owner.config.moma_modalities):
-                tp, fp, fn, tn = confusion[modality].tolist()
-                if tp + fp + fn + tn == 0:
-                    continue
-                prefix = f"aux/layer{layer}/{name}/{kind}"
-                metrics[f"{prefix}_accuracy"] = (tp + tn) / (tp + fp + fn + tn)
-                metrics[f"{prefix}_precision"] = tp / (tp + fp) if tp + fp else float("nan")
-                metrics[f"{prefix}_recall"] = tp / (tp + fn) if tp + fn else float("nan")
-                metrics[f"{prefix}_positive_frac"] = (tp + fn) / (tp + fp + fn + tn)
-            total += confusion.sum(0)
+            confusions[(owner.layer_number - 1, kind)] = router.confusion_M4.cpu().clone()
             if reset:
                 router.reset_metrics()
+    return confusions
+
+
+def aux_metrics(confusions: Dict[Tuple[int, str], torch.Tensor], modalities) -> Dict[str, float]:
+    """Accuracy, precision, recall of each aux router against the expert-choice targets, per layer
+    and modality, e.g. ``aux/layer1/image/experts_accuracy`` and ``aux/layer0/text/mod_recall`` (layers
+    counted from 0, as in parameter names); plus ``aux/accuracy`` over everything."""
+    metrics: Dict[str, float] = {}
+    total = torch.zeros(4, dtype=torch.long)
+    for (layer, kind), confusion in confusions.items():
+        for modality, name in enumerate(modalities):
+            tp, fp, fn, tn = confusion[modality].tolist()
+            if tp + fp + fn + tn == 0:
+                continue
+            prefix = f"aux/layer{layer}/{name}/{kind}"
+            metrics[f"{prefix}_accuracy"] = (tp + tn) / (tp + fp + fn + tn)
+            metrics[f"{prefix}_precision"] = tp / (tp + fp) if tp + fp else float("nan")
+            metrics[f"{prefix}_recall"] = tp / (tp + fn) if tp + fn else float("nan")
+            metrics[f"{prefix}_positive_frac"] = (tp + fn) / (tp + fp + fn + tn)
+        total += confusion.sum(0)
     if total.sum() > 0:
         tp, fp, fn, tn = total.tolist()
         metrics["aux/accuracy"] = (tp + tn) / (tp + fp + fn + tn)
         metrics["aux/all_zeros_accuracy"] = (fp + tn) / (tp + fp + fn + tn)
     return metrics
+
+
+def collect_aux_metrics(model: torch.nn.Module, reset: bool = True) -> Dict[str, float]:
+    """``aux_metrics`` of the model's aux routers, decisions counted since the last reset."""
+    owner = next(aux_owners(model), None)
+    modalities = owner.config.moma_modalities if owner is not None else ()
+    return aux_metrics(aux_confusions(model, reset), modalities)

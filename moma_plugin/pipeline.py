@@ -15,6 +15,7 @@ the step passes ``modality_ids`` to every stage. Two more things differ from a G
 tests/test_pipeline_parallel.py runs two stages against the whole model (losses and every gradient).
 """
 
+import re
 from functools import partial
 from typing import Callable, Dict, Optional
 
@@ -28,6 +29,18 @@ def stage_of(model):
     from megatron.core.utils import get_attr_wrapped_model
 
     return get_attr_wrapped_model(model, "decoder", return_model_obj=True)
+
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
+
+
+def whole_model_name(name: str, first_layer: int) -> str:
+    """The whole model's name of a stage's parameter or buffer: a stage numbers its layers from 0
+    (``decoder.layers.0...``); ``first_layer`` is the whole model's index of its first one."""
+    match = _LAYER.fullmatch(name)
+    if not match:
+        return name
+    return f"decoder.layers.{int(match.group(1)) + first_layer}.{match.group(2)}"
 
 
 def forward_step(batch: Dict[str, torch.Tensor], model, num_microbatches: int,
@@ -47,7 +60,9 @@ def forward_step(batch: Dict[str, torch.Tensor], model, num_microbatches: int,
         return output, partial(_loss, loss_func, batch, aux)
     if aux is not None:
         (aux.float() / num_microbatches).backward()
-    return output, None
+    # The next stage receives into a buffer of pipeline_dtype (bf16 autocast may leave another dtype).
+    dtype = stage.config.pipeline_dtype
+    return (output if dtype is None else output.to(dtype)), None
 
 
 def _loss(loss_func, batch, aux, output):

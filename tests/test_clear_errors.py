@@ -305,7 +305,7 @@ FLAG_CASES = [
     ("moma-pretrain", ["--keep-last", "0"], "--keep-last must be at least 1"),
     ("moma-pretrain", ["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
     ("moma-pretrain", ["--global-batch-size", "-4"], "--global-batch-size must be at least 1"),
-    ("moma-pretrain", ["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size 0: only 1 is supported"),
+    ("moma-pretrain", ["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size must be at least 1, got 0"),
     ("moma-pretrain", ["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], "exclude each other"),
     # the MoMa flag is reported, not the warm-up check it would explain
     ("moma-pretrain", ["--moma-experts", "4q4i", "--lr-warmup-iters", "500", "--train-iters", "10"], "--moma-experts:"),

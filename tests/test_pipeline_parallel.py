@@ -8,8 +8,8 @@ could not derive them).
 The ranks' forward step is moma_plugin.pipeline.forward_step. Stand-ins for the schedule's CUDA-bound calls, inside the ranks only (STAND_INS lists them); everything
 else is Megatron-Core's code."""
 
+import json
 import os
-import re
 
 import pytest
 import torch
@@ -53,15 +53,6 @@ def micro_batches():
     return batches
 
 
-def stage_key(key: str, first_layer: int):
-    """The whole model's name of a model chunk's parameter (its layers are numbered from 0 in the
-    chunk; ``first_layer`` is the whole model's number of its first one)."""
-    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
-    if not match:
-        return key
-    return f"decoder.layers.{int(match.group(1)) + first_layer}.{match.group(2)}"
-
-
 def _rank(rank, world, port, workdir, recompute, virtual):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -89,7 +80,7 @@ def _rank(rank, world, port, workdir, recompute, virtual):
                                 max_sequence_length=SEQ, pre_process=first, post_process=last,
                                 share_embeddings_and_output_weights=False, vp_stage=stage if vp else None)
         first_layers.append((stage * world + rank) * layers_per_chunk)
-        chunk.load_state_dict({key: whole["state"][stage_key(key, first_layers[-1])] for key in chunk.state_dict()})
+        chunk.load_state_dict({key: whole["state"][pipeline.whole_model_name(key, first_layers[-1])] for key in chunk.state_dict()})
         mp.set_aux_router_training(chunk, True)
         chunk.train()
         chunks.append(chunk)
@@ -108,7 +99,7 @@ def _rank(rank, world, port, workdir, recompute, virtual):
         num_microbatches=NUM_MICROBATCHES, seq_length=SEQ, micro_batch_size=BATCH, forward_only=False)
     grads, metrics = {}, {}
     for chunk, first_layer in zip(chunks, first_layers):
-        grads.update({stage_key(name, first_layer): p.grad.clone() for name, p in chunk.named_parameters()
+        grads.update({pipeline.whole_model_name(name, first_layer): p.grad.clone() for name, p in chunk.named_parameters()
                       if p.grad is not None})
         metrics.update(mp.collect_routing_metrics(chunk))
     torch.save({"losses": [float(item["lm loss"]) for item in losses], "grads": grads, "metrics": metrics},
@@ -160,3 +151,139 @@ def test_two_pipeline_stages_equal_the_whole_model(megatron_single_process, tmp_
     # Each stage records the routing of its own layers (numbered as in the whole model).
     for result, expected in zip((first, last), rank_layers):
         assert {int(key.split("/")[1][5:]) for key in result["metrics"] if key.startswith("moma/layer")} == expected
+
+
+# -- moma-pretrain --pipeline-model-parallel-size ------------------------------------------------------
+# A 4-layer 2t2i model with MoD layers, tied embeddings and aux routers trained jointly, on the bundled
+# data; bf16 autocast in one case.
+PRETRAIN = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--moma-experts", "2t2i", "--mod-interval", "2",
+            "--mod-start-layer", "1", "--aux-router-joint", "--train-iters", "4", "--log-interval", "1",
+            "--eval-interval", "100", "--eval-iters", "2", "--clip-grad", "0.05", "--no-progress-bar"]
+PRETRAIN_STAND_INS = dict(STAND_INS, **{
+    "Tensor.cuda": "returns the tensor: the last stage's copy of tied embeddings is moved to the GPU "
+                   "before the first and last stages all-reduce it"})
+
+
+def _pretrain_rank(rank, world, port, workdir, argv):
+    """One process of a moma-pretrain job, as torchrun starts it, with the CUDA stand-ins. Every run
+    starts from the same weights: the single-stage run saves its initial ones, a pipeline stage loads
+    its layers of them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    _stand_ins()
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    from megatron.core import parallel_state
+
+    from moma_plugin.training import loop
+
+    build_model = loop.build_model
+
+    def same_initial_weights(args, layout, parallel):
+        model, config = build_model(args, layout, parallel)
+        path = f"{workdir}/initial-tp{parallel.tp_rank}.pt"
+        if parallel.pp == 1:
+            if not os.path.exists(path):
+                torch.save(model.state_dict(), path)
+            return model, config
+        whole = torch.load(path)
+        first = parallel_state.get_pipeline_model_parallel_rank() * (args.num_layers // parallel.pp)
+        names = {key: pipeline.whole_model_name(key, first) for key in model.state_dict()}
+        if "output_layer.weight" in names and "output_layer.weight" not in whole:  # tied embeddings
+            names["output_layer.weight"] = "embedding.word_embeddings.weight"
+        model.load_state_dict({key: whole[name] for key, name in names.items()})
+        return model, config
+
+    loop.build_model = same_initial_weights
+    result = loop.pretrain(argv)
+    if rank == 0:
+        with open(f"{workdir}/{result.run_dir.name}.json", "w") as f:
+            json.dump({"losses": result.train_losses, "eval": result.eval, "status": result.status}, f)
+
+
+def pretrain_run(tmp_path, name, processes, *flags):
+    run_dir = tmp_path / name
+    argv = [*PRETRAIN, "--run-dir", str(run_dir), *flags]
+    run_ranks(_pretrain_rank, (processes, free_port(), str(tmp_path), argv), nprocs=processes, timeout_s=300,
+              what=f"moma-pretrain {' '.join(flags)}")
+    with open(tmp_path / f"{name}.json") as f:
+        result = json.load(f)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return result, [m for m in metrics if m["kind"] == "train"]
+
+
+@pytest.mark.parametrize("flags", [(), ("--bf16",)], ids=["fp32", "bf16"])
+def test_moma_pretrain_with_two_pipeline_stages_equals_one(tmp_path, flags):
+    """Losses, gradient norms (clipped), routing and aux-router metrics of every layer, and the
+    held-out losses of a PP=2 run equal those of the same run on one stage, from the same weights;
+    its checkpoint is one file per stage, resumes exactly, and merges into the single-stage one."""
+    whole, whole_metrics = pretrain_run(tmp_path, "whole", 1, *flags)
+    staged, staged_metrics = pretrain_run(tmp_path, "staged", 2, "--pipeline-model-parallel-size", "2", *flags)
+    tolerance = dict(rel=1e-3 if flags else 1e-5)  # bf16: rounding differs where stages meet
+    assert staged["status"] == "completed" and list(staged["losses"]) == ["1", "2", "3", "4"]
+    assert staged["losses"] == pytest.approx(whole["losses"], **tolerance)
+    assert staged["eval"] == pytest.approx(whole["eval"], **tolerance)
+    for one, two in zip(whole_metrics, staged_metrics):
+        keys = [key for key in one if key.startswith(("moma/layer", "mod/layer", "aux/", "loss")) or key == "grad_norm"]
+        assert {int(key.split("/")[1][5:]) for key in keys if key.startswith("moma/layer")} == {0, 1, 2, 3}
+        assert [key for key in keys if one[key] is None] == [key for key in keys if two[key] is None]  # NaN
+        keys = [key for key in keys if one[key] is not None]
+        assert {key: two[key] for key in keys} == pytest.approx({key: one[key] for key in keys}, **tolerance)
+    if flags:
+        return
+    checkpoints = tmp_path / "staged" / "checkpoints"
+    assert sorted(p.name for p in (checkpoints / "iter_0000004").glob("mp_rank_*")) == ["mp_rank_00_000",
+                                                                                          "mp_rank_00_001"]
+    # Stopped at iteration 2 and resumed: the same losses as the uninterrupted run.
+    stopped, _ = pretrain_run(tmp_path, "resumed", 2, "--pipeline-model-parallel-size", "2", "--exit-interval", "2")
+    resumed, _ = pretrain_run(tmp_path, "resumed", 2, "--pipeline-model-parallel-size", "2")
+    assert stopped["status"] == "exit-interval" and list(resumed["losses"]) == ["3", "4"]
+    assert resumed["losses"] == pytest.approx({k: v for k, v in staged["losses"].items() if k in "34"}, rel=1e-6)
+    # The stages merged into one file hold the single-stage run's weights.
+    from moma_plugin.training import checkpointing, convert
+    from moma_plugin.training.from_checkpoint import checkpoint_args
+
+    with pytest.raises(SystemExit, match="(?s)holds 2 pipeline stages.*moma-convert-checkpoint"):
+        checkpoint_args(str(checkpoints))
+    convert.convert(checkpoints, tmp_path / "merged")
+    merged = checkpointing.load_checkpoint(tmp_path / "merged", 0)
+    reference = checkpointing.load_checkpoint(tmp_path / "whole" / "checkpoints", 0)
+    assert merged["args"]["pipeline_model_parallel_size"] == 1 and merged["optimizer"]["state"] is None
+    assert merged["model"].keys() == reference["model"].keys()
+    for name, value in reference["model"].items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(merged["model"][name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert checkpoint_args(str(tmp_path / "merged"))[1]["pipeline_model_parallel_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--global-batch-size", "16"), ("--tensor-model-parallel-size", "2")],
+                         ids=["dp2", "tp2"])
+def test_pipeline_stages_with_data_or_tensor_parallelism(tmp_path, flags):
+    """PP=2 x DP=2 (gradients averaged over data-parallel ranks after the schedule, tied embeddings
+    summed over the first and last stages) and PP=2 x TP=2 (four processes) equal DP=2 and TP=2 alone."""
+    whole, whole_metrics = pretrain_run(tmp_path, "whole", 2, *flags)
+    staged, staged_metrics = pretrain_run(tmp_path, "staged", 4, "--pipeline-model-parallel-size", "2", *flags)
+    assert staged["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+    assert staged["eval"] == pytest.approx(whole["eval"], rel=1e-5)
+    assert [m["grad_norm"] for m in staged_metrics] == pytest.approx([m["grad_norm"] for m in whole_metrics], rel=1e-5)
+
+
+def test_pipeline_refusals(megatron_single_process, tmp_path, capsys):
+    """What moma-pretrain cannot run with pipeline stages is refused before anything is built, each
+    with what to do instead; on a machine without CUDA, so is pipeline parallelism itself."""
+    from moma_plugin.training import loop
+
+    def fails(argv, message):
+        with pytest.raises(SystemExit) as error:
+            loop.pretrain([*PRETRAIN, "--run-dir", str(tmp_path / "r"), "--pipeline-model-parallel-size", *argv])
+        said = str(error.value) + capsys.readouterr().err  # usage errors: argparse's message on stderr
+        assert message in said, said
+
+    fails(["3"], "--num-layers 4 is not a multiple of it")
+    fails(["2", "--use-torch-fsdp2"], "runs under the default ddp engine only, not --use-torch-fsdp2")
+    fails(["2", "--expert-model-parallel-size", "2"], "with --expert-model-parallel-size 2 is not supported yet")
+    fails(["0"], "must be at least 1, got 0")
+    if not torch.cuda.is_available():
+        fails(["2"], "--pipeline-model-parallel-size needs CUDA: Megatron-Core's pipeline schedules allocate")

@@ -212,7 +212,7 @@ def test_yaml_config_and_command_line_precedence(tmp_path):
     ("", ["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
     ("", ["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 must lie in [0, --lr 0.1]"),
     ("", ["--lr-warmup-iters", "50", "--train-iters", "40"], "--lr-warmup-iters 50 must be below"),
-    ("", ["--pipeline-model-parallel-size", "2"], "only 1 is supported by moma-pretrain yet"),
+    ("", ["--pipeline-model-parallel-size", "2", "--use-torch-fsdp2"], "runs under the default ddp engine only"),
     ("", ["--moma-expert-execution", "fast"], "invalid choice: 'fast'"),
     ("moma-experts: 4q4i\n", [], "names modality letter 'q'"),
     ("", ["--moma-experts", "4t-4i"], "does not parse"),

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropout, residuals), as Megatron does; MoMa and MoD layers gather it to route "
                         "every token, so results equal TP without it (needs CUDA)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="pipeline stages (only 1 is supported yet)")
+                   help="pipeline stages, each holding --num-layers / PP layers, run by Megatron-Core's 1F1B "
+                        "schedule (default ddp engine; needs CUDA)")
 
     g = parser.add_argument_group("data-parallel engine and precision (docs/TRAINING.md, \"Engines\")")
     g.add_argument("--use-torch-fsdp2", action="store_true",
@@ -396,15 +397,33 @@ def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         fail(f"--sequence-parallel splits each sequence over the TP ranks: --seq-length "
              f"{args.seq_length} is not a multiple of --tensor-model-parallel-size "
              f"{args.tensor_model_parallel_size}")
-    if args.pipeline_model_parallel_size != 1:
-        fail(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: only 1 is supported by "
-             "moma-pretrain yet (Megatron's pipeline schedules need CUDA); use tensor or data parallelism")
+    _check_pipeline(args, fail)
     if args.global_batch_size is not None and args.global_batch_size < 1:
         fail(f"--global-batch-size must be at least 1, got {args.global_batch_size}")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each "
              "other; pass one")
     return args
+
+
+def _check_pipeline(args, fail):
+    """Pipeline parallelism runs under the default ddp engine, each stage holding as many layers."""
+    pp = args.pipeline_model_parallel_size
+    if pp < 1:
+        fail(f"--pipeline-model-parallel-size must be at least 1, got {pp}")
+    if pp == 1:
+        return
+    if args.num_layers % pp:
+        fail(f"--pipeline-model-parallel-size {pp} splits the layers evenly over the stages: --num-layers "
+             f"{args.num_layers} is not a multiple of it")
+    engine = next((flag for flag, on in (("--use-torch-fsdp2", args.use_torch_fsdp2), ("--deepspeed", args.deepspeed),
+                                         ("--use-megatron-ddp", args.use_megatron_ddp)) if on), None)
+    if engine:
+        fail(f"--pipeline-model-parallel-size {pp} runs under the default ddp engine only, not {engine}; "
+             "drop one of the two")
+    if getattr(args, "expert_model_parallel_size", 1) > 1:
+        fail(f"--pipeline-model-parallel-size {pp} with --expert-model-parallel-size "
+             f"{args.expert_model_parallel_size} is not supported yet; use one of the two")
 
 
 def batch_sizes(args: argparse.Namespace, data_parallel_size: int) -> int:

@@ -2,7 +2,9 @@
 or silently corrupted.
 
     <save>/latest_checkpointed_iteration.txt          the newest complete iteration, e.g. "100"
-    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt one file per tensor-parallel rank
+    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt one file per tensor-parallel rank (per
+                                                      rank and stage under pipeline parallelism:
+                                                      mp_rank_00_001/, as Megatron-LM names them)
     <save>/iter_0000100/manifest.json                 size and SHA-256 of every file, the run's flags
     <save>/iter_0000100/dcp/mp_rank_00/               --use-torch-fsdp2: the weights and Adam moments
                                                       as a sharded torch.distributed.checkpoint
@@ -57,12 +59,12 @@ ARCHITECTURE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "moma_experts", "moma_modalities", "normalization", "disable_bias_linear",
     "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "moma_post_norm",
-    "mod_interval", "mod_start_layer",
+    "mod_interval", "mod_start_layer", "pipeline_model_parallel_size",
 )
 # Arguments that must match for the data position (the sampler's state) to mean the same samples.
 DATA_ARGS = ("seq_length", "max_position_embeddings", "data_path", "valid_fraction", "seed")
 # Defaults of architecture arguments added after a checkpoint was written (older checkpoints lack them).
-ARCHITECTURE_DEFAULTS = {"mod_interval": 0, "mod_start_layer": 0}
+ARCHITECTURE_DEFAULTS = {"mod_interval": 0, "mod_start_layer": 0, "pipeline_model_parallel_size": 1}
 
 
 class CheckpointError(UsageError):
@@ -73,8 +75,16 @@ def iteration_dir(save, iteration: int) -> Path:
     return Path(save) / f"iter_{iteration:07d}"
 
 
-def rank_file(directory: Path, tp_rank: int) -> Path:
-    return Path(directory) / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
+def rank_name(rank) -> str:
+    """The directory of a model-parallel rank's file: ``rank`` is its TP rank, or (TP rank, pipeline
+    stage) under pipeline parallelism (``Parallel.model_parallel_rank``)."""
+    if isinstance(rank, tuple):
+        return f"mp_rank_{rank[0]:02d}_{rank[1]:03d}"
+    return f"mp_rank_{rank:02d}"
+
+
+def rank_file(directory: Path, rank) -> Path:
+    return Path(directory) / rank_name(rank) / "model_optim_rng.pt"
 
 
 DCP_DIR = "dcp"
@@ -556,8 +566,13 @@ def _load_rank_state(directory: Path, tp_rank: int) -> Tuple[Optional[Dict[str, 
     return state, None
 
 
-def _missing_rank_reason(directory: Path, tp_rank: int, tp_size: Optional[int]) -> str:
+def _missing_rank_reason(directory: Path, tp_rank, tp_size: Optional[int], pp_size: int = 1) -> str:
     ranks = sorted(p.name for p in Path(directory).glob("mp_rank_*"))
+    staged = any(name.count("_") == 3 for name in ranks)  # mp_rank_TT_PPP: pipeline stages
+    if ranks and tp_size is not None and (staged or pp_size > 1):
+        return (f"{rank_file(directory, tp_rank)} is missing: the checkpoint holds {', '.join(ranks)} and "
+                f"this run uses --tensor-model-parallel-size {tp_size} --pipeline-model-parallel-size "
+                f"{pp_size}; use the sizes it was saved with (its {MANIFEST} lists its flags)")
     if ranks and tp_size is not None and len(ranks) != tp_size:
         return (f"{rank_file(directory, tp_rank)} is missing: the checkpoint holds {len(ranks)} "
                 f"tensor-parallel shard(s) ({', '.join(ranks)}) and this run uses "
@@ -565,11 +580,12 @@ def _missing_rank_reason(directory: Path, tp_rank: int, tp_size: Optional[int]) 
     return f"{rank_file(directory, tp_rank)} is missing"
 
 
-def find_checkpoint(load, tp_rank: int, iteration: Optional[int] = None,
-                    tp_size: Optional[int] = None) -> Found:
+def find_checkpoint(load, tp_rank, iteration: Optional[int] = None,
+                    tp_size: Optional[int] = None, pp_size: int = 1) -> Found:
     """The checkpoint to resume from ``load``, loaded and verified on every rank (a collective when a
     process group exists): ``iteration`` if given (``--ckpt-step``), else the tracker's; if that one
-    is damaged or the tracker is missing or garbled, the newest intact checkpoint, with notes."""
+    is damaged or the tracker is missing or garbled, the newest intact checkpoint, with notes.
+    ``tp_rank``: this rank's file (``rank_name``)."""
     load = Path(load)
     notes: List[str] = []
     stale = False
@@ -603,7 +619,7 @@ def find_checkpoint(load, tp_rank: int, iteration: Optional[int] = None,
         state = None
         if reason is None:
             if not rank_file(directory, tp_rank).exists():
-                reason = _missing_rank_reason(directory, tp_rank, tp_size)
+                reason = _missing_rank_reason(directory, tp_rank, tp_size, pp_size)
             else:
                 state, reason = _load_rank_state(directory, tp_rank)
         reasons = [r for r in _gather(reason) if r is not None]

@@ -10,14 +10,21 @@ whole weights already; its optimizer state stays in DeepSpeed's format and is no
 converted one generates and trains aux routers, and pretraining resumes from the original (under
 ``--deepspeed``). A ddp checkpoint is copied as it is. The tools after pretraining read every engine's
 checkpoint directly; the conversion is for readers outside this package (one torch.load per file).
+
+A checkpoint of pipeline parallelism (``mp_rank_TT_PPP``, one file per stage) is merged into one file
+per tensor-parallel rank: the layers numbered over the whole model, the last stage's copy of tied
+embeddings dropped. Its optimizer state (per stage) is not carried over: the merged checkpoint is for
+generation, aux-router training and readers outside this package; pretraining resumes from the
+original, with its --pipeline-model-parallel-size.
 """
 
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..cli import HelpFormatter, UsageError, run_tool
+from ..pipeline import whole_model_name
 from . import checkpointing
 
 TOOL = "moma-convert-checkpoint"
@@ -44,15 +51,19 @@ def convert(load, save, iteration: Optional[int] = None) -> Path:
         raise UsageError(f"--save {save} is --load: give another directory (the checkpoint is read while "
                          "the converted one is written)")
     found_iteration, args = checkpointing.read_checkpoint_args(load, iteration)
-    tp = int(args.get("tensor_model_parallel_size", 1))
+    tp, pp = int(args.get("tensor_model_parallel_size", 1)), int(args.get("pipeline_model_parallel_size", 1))
     states, engine, directory = {}, "ddp", None
     for tp_rank in range(tp):
-        found = checkpointing.find_checkpoint(load, tp_rank, found_iteration, tp)
-        if tp_rank == 0:
-            for note in found.notes:
-                print(f"note: {note}", flush=True)
-        directory, engine = found.directory, found.state.get("engine", "ddp")
-        state = checkpointing.full_state(found.state, found.directory, tp_rank)
+        stages = []
+        for stage in range(pp):
+            found = checkpointing.find_checkpoint(load, tp_rank if pp == 1 else (tp_rank, stage),
+                                                  found_iteration, tp, pp)
+            if tp_rank == stage == 0:
+                for note in found.notes:
+                    print(f"note: {note}", flush=True)
+            directory, engine = found.directory, found.state.get("engine", "ddp")
+            stages.append(checkpointing.full_state(found.state, found.directory, tp_rank))
+        state = stages[0] if pp == 1 else merge_stages(stages, load)
         states[tp_rank] = dict(state, moma=dict(state["moma"], converted_from=str(found.directory)))
     manifest = checkpointing.read_manifest(directory) or {}
     summary = {k: v for k, v in manifest.items() if k not in _MANIFEST_ONLY}
@@ -61,11 +72,32 @@ def convert(load, save, iteration: Optional[int] = None) -> Path:
              if f.name != checkpointing.MANIFEST}
     path = checkpointing.save_offline(save, found_iteration, states, summary, extra)
     kept = ("the weights (its optimizer state stays in DeepSpeed's format: resume pretraining from "
-            f"{load} under --deepspeed)" if states[0]["optimizer"].get("state") is None
-            else "the weights and the optimizer state")
-    print(f"{TOOL}: iteration {found_iteration} of {load} ({engine} engine, TP {tp}) written to {path} "
+            f"{load} under --deepspeed)" if states[0]["optimizer"].get("state") is None and pp == 1
+            else "the weights (the stages' optimizer states are not merged: resume pretraining from "
+            f"{load})" if pp > 1 else "the weights and the optimizer state")
+    stages = f", {pp} pipeline stages merged" if pp > 1 else ""
+    print(f"{TOOL}: iteration {found_iteration} of {load} ({engine} engine, TP {tp}{stages}) written to {path} "
           f"in the single-file torch layout: {kept}", flush=True)
     return path
+
+
+def merge_stages(stages: List[Dict[str, Any]], load) -> Dict[str, Any]:
+    """One tensor-parallel rank's states of every pipeline stage, in order, as one single-stage state
+    (see the module docstring); the rest (schedule, sampler, random state) is the first stage's."""
+    args = stages[0]["args"]
+    per_stage = args["num_layers"] // len(stages)
+    tied = not args.get("untie_embeddings_and_output_weights", False)
+    model = {}
+    for index, stage in enumerate(stages):
+        for name, value in stage["model"].items():
+            if tied and name == "output_layer.weight":  # the last stage's copy of the embedding
+                continue
+            model[whole_model_name(name, index * per_stage)] = value
+    why = (f"it was merged from the {len(stages)} pipeline stages of {load}, whose optimizer states are "
+           f"per stage; resume pretraining from {load} with --pipeline-model-parallel-size {len(stages)}")
+    return dict(stages[0], model=model, args=dict(args, pipeline_model_parallel_size=1),
+                optimizer=dict(stages[0]["optimizer"], state=None),
+                moma=dict(stages[0]["moma"], optimizer_not_kept=why))
 
 
 def main(argv: Optional[List[str]] = None):

@@ -12,7 +12,7 @@ from ..cli import UsageError
 from .initialize import Parallel, any_rank
 from .metrics_log import losses_from_sums
 from .signals import StopRequest
-from .step import collate, forward_loss, label_modalities, modality_loss_sums, to_device
+from .step import collate, forward_loss, label_modalities, modality_loss_sums, pipeline_loss_sums, to_device
 
 METRIC_BUFFERS = ("tokens_per_expert_ME", "selection_histogram_M3", "mod_tokens_M2", "confusion_M4")
 
@@ -66,6 +66,10 @@ def evaluate(model, dataset, args, layout, parallel: Parallel, routing_mode: str
             label_mod = label_modalities(batch, layout)
             batch = to_device(batch, parallel.device)
             with autocast() if autocast else nullcontext():
+                if parallel.pp > 1:  # Megatron's schedule, forward only: the sums of every stage
+                    batch["label_modality"] = label_mod.to(parallel.device)
+                    sums += pipeline_loss_sums(model, [batch], args, parallel, num_modalities)
+                    continue
                 loss_BS = forward_loss(model, batch)
             sums += modality_loss_sums(loss_BS, batch["loss_mask"], label_mod, num_modalities)
     finally:

@@ -33,8 +33,16 @@ def data_prefix(args: argparse.Namespace) -> str:
 
 
 def checkpoint_args(load: str, iteration: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
-    """(iteration, flags) of the checkpoint to use, from its manifest (no weights read)."""
-    return checkpointing.read_checkpoint_args(load, iteration)
+    """(iteration, flags) of the checkpoint to use, from its manifest (no weights read). A checkpoint
+    of pipeline stages is refused: these tools run the whole model in each process."""
+    found, args = checkpointing.read_checkpoint_args(load, iteration)
+    pp = args.get("pipeline_model_parallel_size", 1)
+    if pp > 1:
+        raise UsageError(f"--load {load}: the checkpoint holds {pp} pipeline stages "
+                         f"(--pipeline-model-parallel-size {pp}), and this tool runs the whole model in each "
+                         f"process; merge them first:\n  moma-convert-checkpoint --load {load} --save "
+                         f"{str(load).rstrip('/')}-merged\nand pass that directory to --load")
+    return found, args
 
 
 def load_state(load: str, parallel, iteration: Optional[int] = None) -> checkpointing.Found:

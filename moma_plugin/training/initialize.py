@@ -40,16 +40,34 @@ class Parallel:
     ep: int = 1
     ep_group: object = None
     expert_dp_group: object = None
+    # Pipeline parallelism: this rank's stage of ``pp`` (its layers; the first embeds, the last
+    # computes the loss) and the group of the stages holding this rank's data-parallel replica.
+    pp: int = 1
+    pp_rank: int = 0
+    pp_group: object = None
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def model_parallel_rank(self):
+        """This rank's checkpoint file: its TP rank, and its stage under pipeline parallelism."""
+        return self.tp_rank if self.pp == 1 else (self.tp_rank, self.pp_rank)
 
     @property
     def is_first(self) -> bool:
         return self.rank == 0
 
 
-def _torchrun_command(tp: int) -> str:
+def _torchrun_command(processes: int) -> str:
     module = {"moma-train-aux-routers": "moma_plugin.training.aux_routers"}.get(
         os.path.basename(sys.argv[0]), "moma_plugin.pretrain")
-    return f"torchrun --nproc-per-node {tp} -m {module} " + shlex.join(sys.argv[1:])
+    return f"torchrun --nproc-per-node {processes} -m {module} " + shlex.join(sys.argv[1:])
 
 
 def setup_parallel(args) -> Parallel:
@@ -57,9 +75,11 @@ def setup_parallel(args) -> Parallel:
     WORLD_SIZE; a lone process gets a one-process gloo group)."""
     from megatron.core import parallel_state
 
-    tp = args.tensor_model_parallel_size
+    tp, pp = args.tensor_model_parallel_size, getattr(args, "pipeline_model_parallel_size", 1)
     if getattr(args, "sequence_parallel", False) and tp > 1:
         _check_sequence_parallel_device()
+    if pp > 1:
+        _check_pipeline_device()
     if torch.cuda.is_available():  # before the process group: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not torch.distributed.is_initialized():
@@ -67,21 +87,24 @@ def setup_parallel(args) -> Parallel:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend)
         else:  # a single process: no rendezvous needed
-            if tp > 1:
-                raise UsageError(f"--tensor-model-parallel-size {tp} needs {tp} processes (one per "
-                                 f"rank); launch it with torchrun:\n  {_torchrun_command(tp)}")
+            if tp * pp > 1:
+                flags = " x ".join(f"--{name}-model-parallel-size {size}"
+                                   for name, size in (("tensor", tp), ("pipeline", pp)) if size > 1)
+                raise UsageError(f"{flags} needs {tp * pp} processes (one per rank); launch it with "
+                                 f"torchrun:\n  {_torchrun_command(tp * pp)}")
             torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
                                                  rank=0, world_size=1)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    if world % tp:
-        raise UsageError(f"--tensor-model-parallel-size {tp} does not divide the {world} processes of "
-                         "this job")
+    if world % (tp * pp):
+        sizes = f"--tensor-model-parallel-size {tp}" + (f" x --pipeline-model-parallel-size {pp}" if pp > 1 else "")
+        raise UsageError(f"{sizes} does not divide the {world} processes of this job")
     ep = getattr(args, "expert_model_parallel_size", 1)
-    if (world // tp) % ep:
-        raise UsageError(f"--expert-model-parallel-size {ep} does not divide the {world // tp} "
-                         f"data-parallel ranks of this job ({world} processes / TP {tp}); the experts "
-                         "are split over data-parallel ranks: launch a multiple of TP x EP processes")
-    _initialize_model_parallel(tp, ep)
+    if (world // (tp * pp)) % ep:
+        raise UsageError(f"--expert-model-parallel-size {ep} does not divide the {world // (tp * pp)} "
+                         f"data-parallel ranks of this job ({world} processes / TP {tp} / PP {pp}); the "
+                         "experts are split over data-parallel ranks: launch a multiple of TP x PP x EP "
+                         "processes")
+    _initialize_model_parallel(tp, ep, pp)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     return Parallel(rank=rank, world=world, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
@@ -90,36 +113,49 @@ def setup_parallel(args) -> Parallel:
                     tp_group=parallel_state.get_tensor_model_parallel_group(),
                     dp_group=parallel_state.get_data_parallel_group(), ep=ep,
                     ep_group=parallel_state.get_expert_model_parallel_group(),
-                    expert_dp_group=parallel_state.get_expert_data_parallel_group())
+                    expert_dp_group=parallel_state.get_expert_data_parallel_group(), pp=pp,
+                    pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                    pp_group=parallel_state.get_pipeline_model_parallel_group())
 
 
-def _check_sequence_parallel_device():
-    """Megatron-Core's sequence-parallel collectives allocate on ``torch.cuda.current_device()``."""
+def _check_cuda_device(flag: str, why: str):
+    """Refuses ``flag`` without a CUDA device: Megatron-Core allocates some of its communication
+    buffers on ``torch.cuda.current_device()``; ``why`` says which, and what to do instead."""
     try:
         torch.cuda.current_device()
     except (AssertionError, RuntimeError) as e:  # a CPU build, or no GPU
-        raise UsageError(
-            f"--sequence-parallel needs CUDA: Megatron-Core's sequence-parallel communication "
-            f"allocates its buffers on the current CUDA device ({e}). It saves activation memory and "
-            "does not change the results; train without it on this machine") from None
+        raise UsageError(f"{flag} needs CUDA: {why} ({e})") from None
 
 
-_MODEL_PARALLEL = {}  # the (world group, TP, EP) Megatron's groups were built for, in this process
+def _check_sequence_parallel_device():
+    _check_cuda_device("--sequence-parallel", "Megatron-Core's sequence-parallel communication allocates "
+                       "its buffers on the current CUDA device. It saves activation memory and does not "
+                       "change the results; train without it on this machine")
 
 
-def _initialize_model_parallel(tp: int, ep: int):
-    """Megatron's process groups for TP x EP, built once per process and layout: a process that runs
+def _check_pipeline_device():
+    _check_cuda_device("--pipeline-model-parallel-size", "Megatron-Core's pipeline schedules allocate the "
+                       "activations they pass between stages on the current CUDA device; on this machine "
+                       "use tensor or data parallelism")
+
+
+_MODEL_PARALLEL = {}  # the (world group, TP, EP, PP) Megatron's groups were built for, in this process
+
+
+def _initialize_model_parallel(tp: int, ep: int, pp: int = 1):
+    """Megatron's process groups for TP x PP x EP, built once per process and layout: a process that runs
     several jobs (the tests) reuses them while the layout stays, instead of building new ones each
     time (each gloo group keeps threads alive until destroyed). The groups of another layout are
     not destroyed: FSDP2's meshes resolve groups by name, and a destroyed name gets reused."""
     from megatron.core import parallel_state
 
-    wanted = (id(torch.distributed.group.WORLD), tp, ep)
+    wanted = (id(torch.distributed.group.WORLD), tp, ep, pp)
     if parallel_state.model_parallel_is_initialized():
         if _MODEL_PARALLEL.get("built") == wanted:
             return
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                             pipeline_model_parallel_size=pp)
     _MODEL_PARALLEL["built"] = wanted
 
 
@@ -211,6 +247,11 @@ def build_model(args, layout, parallel: Parallel):
         recompute_method=args.recompute_method if args.recompute_granularity else None,
         recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else None,
     )
+    if parallel.pp > 1:
+        # The activations passed between stages are the fp32 residual stream. Under gloo, batched
+        # isend/irecv handed the interleaved schedule stale activations (tests/test_pipeline_parallel.py):
+        # separate sends there.
+        overrides.update(pipeline_dtype=torch.float32, batch_p2p_comm=parallel.device.type == "cuda")
     try:
         config = moma_config_from_args(args, **overrides)
     except (ValueError, NotImplementedError) as e:
@@ -224,6 +265,7 @@ def build_model(args, layout, parallel: Parallel):
         vocab_size=padded_vocab_size(layout.vocab_size, parallel.tp, args.make_vocab_size_divisible_by),
         max_sequence_length=args.max_position_embeddings,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        pre_process=parallel.first_stage, post_process=parallel.last_stage,
     )
     return model.to(parallel.device), config
 
@@ -320,13 +362,18 @@ def build_sampler(train_set, args, parallel: Parallel, layout, seed: Optional[in
 
 def count_parameters(model, parallel: Parallel) -> int:
     """The model's parameters: tensor-parallel shards summed over the TP group, replicated ones once,
-    and under expert parallelism every EP rank's experts (each holds an equal block)."""
+    under expert parallelism every EP rank's experts (each holds an equal block), and under pipeline
+    parallelism every stage's (the last stage's copy of tied embeddings not counted again)."""
     def numel(sharded: bool, expert: bool) -> float:
         return float(sum(p.numel() for p in model.parameters()
                          if getattr(p, "tensor_model_parallel", False) == sharded
-                         and is_expert_parallel(p) == expert))
+                         and is_expert_parallel(p) == expert and not getattr(p, "shared", False)))
 
-    sums = torch.tensor([numel(True, False), numel(True, True)], device=parallel.device)
+    sums = torch.tensor([numel(True, False), numel(True, True)], dtype=torch.float64, device=parallel.device)
     torch.distributed.all_reduce(sums, group=parallel.tp_group)
     experts = sums[1].item() + numel(False, True)
-    return int(sums[0].item() + numel(False, False) + experts * parallel.ep)
+    count = torch.tensor([sums[0].item() + numel(False, False) + experts * parallel.ep], dtype=torch.float64,
+                         device=parallel.device)
+    if parallel.pp > 1:
+        torch.distributed.all_reduce(count, group=parallel.pp_group)
+    return int(count.item())

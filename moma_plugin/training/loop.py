@@ -28,7 +28,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..aux_router import (
-    collect_aux_metrics,
+    aux_confusions,
+    aux_metrics,
     has_trained_aux_routers,
     mark_aux_routers_trained,
     set_aux_router_training,
@@ -147,7 +148,8 @@ class PretrainJob:
                                  "--load DIR, or a --save that holds one")
             self.start_engine()
             return True
-        found = checkpointing.find_checkpoint(load_dir, parallel.tp_rank, args.ckpt_step, parallel.tp)
+        found = checkpointing.find_checkpoint(load_dir, parallel.model_parallel_rank, args.ckpt_step,
+                                              parallel.tp, parallel.pp)
         for note in found.notes:
             self.say(f"note: {note}")
         same_dir = self.save_dir is not None and load_dir.resolve() == self.save_dir.resolve()
@@ -245,7 +247,7 @@ class PretrainJob:
         self.writer.write_file("run.json", json.dumps(record, indent=1))
         self.say(f"{TOOL} {args.moma_experts}: {self.num_parameters / 1e6:.2f}M parameters, "
                  f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
-                 f"(TP {parallel.tp} x DP {parallel.dp}"
+                 f"(TP {parallel.tp} x " + (f"PP {parallel.pp} x " if parallel.pp > 1 else "") + f"DP {parallel.dp}"
                  + (f", experts split over EP {parallel.ep} of the DP ranks" if parallel.ep > 1 else "")
                  + f") on {parallel.device.type}, engine "
                  f"{self.engine.describe()}; {len(self.train_set)} "
@@ -282,7 +284,7 @@ class PretrainJob:
         norm = self.engine.parameter_norm()
         summary = {"train_loss": self.last_loss, "tokens": self.consumed_tokens,
                    "parameter_norm": norm, "parameters_finite": math.isfinite(norm)}
-        path = checkpointing.save_checkpoint(str(self.save_dir), at, state, self.parallel.tp_rank,
+        path = checkpointing.save_checkpoint(str(self.save_dir), at, state, self.parallel.model_parallel_rank,
                                              writes=self.parallel.dp_rank == 0, summary=summary,
                                              keep_last=args.keep_last,
                                              engine_files=self.engine.save_engine_files)
@@ -362,11 +364,12 @@ class PretrainJob:
         args, layout = self.args, self.layout
         values = interval.summary(layout.modalities, self.shares_target, self.tokens_per_iteration,
                                   self.flops_per_token, self.parallel.world)
-        routing = collect_routing_metrics(self.model)
+        routing = over_stages(collect_routing_metrics(self.model), self.parallel)
         values.update(routing_summary(routing, interval.micro_batches, layout.modalities))
         values.update(routing)
         if args.aux_router_joint:
-            values.update(collect_aux_metrics(self.model))
+            values.update(aux_metrics(over_stages(aux_confusions(self.model), self.parallel),
+                                      layout.modalities))
         values.update(lr=self.engine.optimizer.param_groups[0]["lr"], tokens=self.consumed_tokens,
                       flops=self.flops_so_far, sampler_violations=self.sampler.violations)
         self.writer.write("train", self.iteration, values)
@@ -469,6 +472,16 @@ class PretrainJob:
                 + f"; overall {result.eval['causal_loss']:.4f}", flush=True)
         print(f"checkpoint: {result.checkpoint}\nmetrics: {self.writer.path}\nTensorBoard: "
               f"{args.tensorboard_dir or self.run_dir / 'tensorboard'}\nplot: {plot}", flush=True)
+
+
+def over_stages(metrics: Dict, parallel: Parallel) -> Dict:
+    """Per-layer ``metrics`` of every pipeline stage merged (a collective over the stages; layers
+    are numbered over the whole model, so their keys do not collide)."""
+    if parallel.pp == 1:
+        return metrics
+    parts = [None] * parallel.pp
+    torch.distributed.all_gather_object(parts, metrics, group=parallel.pp_group)
+    return {key: value for part in parts for key, value in part.items()}
 
 
 def pretrain(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace] = None) -> RunResult:

@@ -1,12 +1,13 @@
 """One training step over an engine (``engines``): this rank's micro-batches forward and backward,
 the engine's gradient reduction, clipping and optimizer step, and the loss sums every rank logs.
 
-The loss is Megatron's for pipeline size 1: summed over every unmasked token of the global batch and
-divided by their number. Per-modality losses: a token's loss counts for the modality of the token
-being predicted (its label)."""
+The loss is summed over every unmasked token of the global batch and divided by their number.
+Per-modality losses: a token's loss counts for the modality of the token being predicted (its label).
+With one pipeline stage the micro-batches run here, one after the other; with several, Megatron-Core's
+1F1B schedule runs them (``pipeline_loss_sums``) and the last stage computes the loss."""
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -45,6 +46,53 @@ def forward_loss(model, batch) -> torch.Tensor:
                  modality_ids=batch["modality_ids"]).float()
 
 
+def pipeline_loss_sums(model, batches, args, parallel, num_modalities: int, scale: Optional[float] = None
+                       ) -> torch.Tensor:
+    """Megatron-Core's pipeline schedule over ``batches`` (on the device, each with its
+    ``label_modality``): forward and backward of each token's loss times ``scale`` (the aux routers'
+    loss joining it as in ``train_step``), or forward only when ``scale`` is None. Returns the [2, M]
+    loss sums, the same on every stage (the last computes them)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..pipeline import forward_step
+
+    sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
+    count = len(batches)
+
+    def loss_func(output, batch, aux):
+        loss_BS = output.float()
+        sums.add_(modality_loss_sums(loss_BS, batch["loss_mask"], batch["label_modality"], num_modalities))
+        # The schedule divides what this returns by the number of micro-batches.
+        loss = (loss_BS * batch["loss_mask"]).sum() * (count if scale is None else scale * count)
+        return (loss if aux is None else loss + aux.float()), {}
+
+    data = iter(batches)
+    get_forward_backward_func()(
+        forward_step_func=lambda iterator, model: forward_step(next(iterator), model, count, loss_func),
+        data_iterator=data, model=[model], num_microbatches=count, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=scale is None)
+    torch.distributed.all_reduce(sums, group=parallel.pp_group)
+    return sums
+
+
+def _forward_backward(engine, micro_batches, label_mods, scale: float, num_modalities: int, device
+                      ) -> torch.Tensor:
+    """One pipeline stage: each micro-batch's forward and backward in turn. Returns the [2, M] sums."""
+    sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=device)
+    for i, (batch, label_mod) in enumerate(zip(micro_batches, label_mods)):
+        batch = to_device(batch, device)
+        with engine.accumulating(last=i == len(micro_batches) - 1):
+            with engine.autocast():
+                loss_BS = forward_loss(engine.module, batch)
+            loss = (loss_BS * batch["loss_mask"]).sum() * scale
+            aux_loss = pop_aux_loss(engine.model)  # --aux-router-joint: BCE of the aux routers
+            if aux_loss is not None:  # averaged over micro-batches here, over ranks by the engine
+                loss = loss + aux_loss.float() / len(micro_batches)
+            engine.backward(loss)
+        sums += modality_loss_sums(loss_BS, batch["loss_mask"], label_mod, num_modalities)
+    return sums
+
+
 def train_step(engine, micro_batches, layout, args, parallel):
     """Forward/backward over this rank's micro-batches, then the engine's reduction, clipping and
     step. Returns ([2, M] loss sums of the global batch, grad norm, applied?). The step is skipped
@@ -57,18 +105,13 @@ def train_step(engine, micro_batches, layout, args, parallel):
     scale = engine.loss_scale / tokens.item()
 
     engine.zero_grad()
-    sums = torch.zeros(2, num_modalities, dtype=torch.float64, device=parallel.device)
-    for i, (batch, label_mod) in enumerate(zip(micro_batches, label_mods)):
-        batch = to_device(batch, parallel.device)
-        with engine.accumulating(last=i == len(micro_batches) - 1):
-            with engine.autocast():
-                loss_BS = forward_loss(engine.module, batch)
-            loss = (loss_BS * batch["loss_mask"]).sum() * scale
-            aux_loss = pop_aux_loss(engine.model)  # --aux-router-joint: BCE of the aux routers
-            if aux_loss is not None:  # averaged over micro-batches here, over ranks by the engine
-                loss = loss + aux_loss.float() / len(micro_batches)
-            engine.backward(loss)
-        sums += modality_loss_sums(loss_BS, batch["loss_mask"], label_mod, num_modalities)
+    if parallel.pp > 1:  # the engine reduces the gradients in finish_gradients
+        batches = [dict(to_device(batch, parallel.device), label_modality=label_mod.to(parallel.device))
+                   for batch, label_mod in zip(micro_batches, label_mods)]
+        with engine.autocast():
+            sums = pipeline_loss_sums(engine.module, batches, args, parallel, num_modalities, scale)
+    else:
+        sums = _forward_backward(engine, micro_batches, label_mods, scale, num_modalities, parallel.device)
     torch.distributed.all_reduce(sums, group=parallel.dp_group)
     engine.finish_gradients()
     if engine.clips_itself:

@@ -39,7 +39,7 @@ def total_norm(tensors_kinds: Iterable, parallel) -> float:
     """The L2 norm of ``(tensor, (tp_sharded, ep_sharded))`` pairs over the whole model: torch's
     ``get_total_norm`` per kind (over a DTensor's whole mesh for FSDP2 shards), the squares of
     tensor-parallel shards summed over the TP group and those of expert-parallel experts over the EP
-    group, replicated tensors counted once; float64 sums."""
+    group, replicated tensors counted once, every pipeline stage's summed; float64 sums."""
     kinds = [(tp, ep) for tp in (True, False) for ep in (True, False)]
     squares = torch.zeros(len(kinds), dtype=torch.float64, device=parallel.device)
     pairs = list(tensors_kinds)
@@ -53,6 +53,8 @@ def total_norm(tensors_kinds: Iterable, parallel) -> float:
         ep_sharded = squares[0::2].clone()
         torch.distributed.all_reduce(ep_sharded, group=parallel.ep_group)
         squares[0::2] = ep_sharded
+    if getattr(parallel, "pp", 1) > 1:
+        torch.distributed.all_reduce(squares, group=parallel.pp_group)
     return float(squares.sum().sqrt())
 
 
@@ -80,6 +82,23 @@ def reduce_expert_gradients(params: List[torch.nn.Parameter], parallel):
     _sum_in_place([p.grad for p in params], group, divide_by=parallel.dp)
 
 
+def reduce_pipeline_gradients(model: torch.nn.Module, parallel):
+    """Under pipeline parallelism, after Megatron's schedule ran every micro-batch: each gradient
+    averaged over the data-parallel group, then the gradient of tied embeddings summed over the
+    first and last stages (each holds a copy: the embedding's and the output layer's use)."""
+    from megatron.core import parallel_state
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank reduces the same tensors
+            p.grad = torch.zeros_like(p)
+    if parallel.dp > 1:
+        _sum_in_place([p.grad for p in params], parallel.dp_group, divide_by=parallel.dp)
+    if model.share_embeddings_and_output_weights and (model.pre_process or model.post_process):
+        weight = model.shared_embedding_or_output_weight()
+        torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
+
 @torch.no_grad()
 def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group):
     """Sums over the TP group the gradients of parameters flagged ``sequence_parallel`` (norms and
@@ -96,6 +115,12 @@ def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group):
 def kind(param):
     """(split by tensor parallelism, split by expert parallelism): how ``total_norm`` counts it."""
     return is_tp_sharded(param), is_expert_parallel(param)
+
+
+def counted(param) -> bool:
+    """False for the last pipeline stage's copy of tied embeddings (Megatron flags it ``shared``):
+    norms count the first stage's."""
+    return not getattr(param, "shared", False)
 
 
 class Engine:
@@ -139,7 +164,8 @@ class Engine:
         """The global gradient norm of ``parameters`` before clipping; scales their gradients down to
         ``max_norm`` when above it (0: no clipping)."""
         grads = [(p.grad, kind(p)) for p in parameters if p.grad is not None]
-        norm = total_norm(grads, self.parallel)
+        norm = total_norm([(p.grad, kind(p)) for p in parameters if p.grad is not None and counted(p)],
+                          self.parallel)
         if max_norm > 0 and math.isfinite(norm) and norm > max_norm and grads:
             # One call per mesh: FSDP2's DTensors of the data-parallel mesh and those of the
             # expert-data-parallel mesh (expert parallelism) do not mix in one foreach call.
@@ -209,7 +235,7 @@ class Engine:
     def parameter_norm(self) -> float:
         """The global L2 norm of the weights (TP shards summed, replicated weights counted once); NaN
         or inf when a weight is not finite (a checkpoint records it: a diverged one shows in it)."""
-        return total_norm([(p.detach(), kind(p)) for p in self.model.parameters()], self.parallel)
+        return total_norm([(p.detach(), kind(p)) for p in self.model.parameters() if counted(p)], self.parallel)
 
     def load_checkpoint(self, state: Dict, directory):
         """Restores the optimizer (and weights the model does not hold yet: the loop loads whole
@@ -218,6 +244,8 @@ class Engine:
         from ..resume import load_optimizer_state
 
         if state["optimizer"].get("state") is None:
+            if state["moma"].get("optimizer_not_kept"):
+                raise UsageError(f"{directory} holds no optimizer state: {state['moma']['optimizer_not_kept']}")
             raise UsageError(f"{directory} was written by the {state.get('engine', '?')} engine, which keeps "
                              "its optimizer state in its own format; resume it with that engine's flags "
                              "(docs/TRAINING.md, \"Engines\")")

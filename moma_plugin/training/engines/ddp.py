@@ -6,14 +6,18 @@ gradients and optimizer state stay fp32 and the forward runs under bf16 autocast
 Expert parallelism: the experts' parameters differ between EP ranks, so DDP leaves them out; after
 the last micro-batch's backward their gradients (each owner's already sums every EP rank's tokens)
 are summed over the expert-data-parallel group and divided by the data-parallel size, as DDP's
-average does for the others."""
+average does for the others.
+
+Pipeline parallelism: Megatron's schedule runs the micro-batches, so the model runs bare and its
+gradients are averaged over the data-parallel group after the last one (``reduce_pipeline_gradients``,
+one all-reduce instead of DDP's buckets overlapping the backward)."""
 
 from contextlib import contextmanager, nullcontext
 
 import torch
 
 from ...expert_parallel import is_expert_parallel
-from .base import Engine, reduce_expert_gradients
+from .base import Engine, reduce_expert_gradients, reduce_pipeline_gradients
 
 
 class DDPEngine(Engine):
@@ -27,7 +31,7 @@ class DDPEngine(Engine):
         if experts:
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 model, experts)
-        if parallel.dp > 1:  # one data-parallel rank: nothing to average, the model runs bare
+        if parallel.dp > 1 and parallel.pp == 1:  # else nothing to average, or averaged after the schedule
             self.module = torch.nn.parallel.DistributedDataParallel(
                 model, process_group=parallel.dp_group, bucket_cap_mb=bucket_mb,
                 device_ids=[parallel.device.index] if parallel.device.type == "cuda" else None,
@@ -53,5 +57,12 @@ class DDPEngine(Engine):
         if last and self.expert_params:
             reduce_expert_gradients(self.expert_params, self.parallel)
 
+    def finish_gradients(self):
+        if self.parallel.pp > 1:
+            reduce_pipeline_gradients(self.model, self.parallel)
+        super().finish_gradients()
+
     def describe(self) -> str:
-        return "ddp (torch DistributedDataParallel" + (", bf16 autocast" if self.dtype else "") + ")"
+        how = "gradients averaged after the pipeline schedule" if self.parallel.pp > 1 else \
+            "torch DistributedDataParallel"
+        return f"ddp ({how}" + (", bf16 autocast" if self.dtype else "") + ")"
