@@ -104,10 +104,11 @@ class MoMaTransformerBlock(TransformerBlock):
                 )
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
-            hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
         if not self.pre_process and len(self.layers) == 0 and not self.final_layernorm:
             hidden_states = hidden_states.clone()  # keep input and output distinct graph nodes
-        return hidden_states
+        # Not a view (a MoD layer's output may be one): the pipeline schedules free a stage's output
+        # once sent (deallocate_pipeline_outputs), which they refuse for a view.
+        return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
 
     def _run_layers(self, start, end, hidden_states, layer_kwargs, layer_context, context=None):
         context = layer_kwargs["context"] if context is None else context

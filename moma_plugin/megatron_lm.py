@@ -1,6 +1,6 @@
 """What a Megatron-LM ``pretrain_gpt.py`` job needs to train a MoMa model.
 
-``patches/megatron-lm-core_v0.16.1.patch`` and ``patches/megatron-lm-core_v0.19.0.patch`` wrap three
+``patches/megatron-lm-core_v0.16.1.patch`` and ``patches/megatron-lm-core_v0.19.0.patch`` wrap four
 things of the stock script with the functions here; ``examples/megatron_lm/pretrain_moma_gpt.py`` does
 the same without patching. A job opts in with Megatron-LM's own flag, ``--spec moma_plugin
 moma_layer_spec``; without it every wrapped function hands over to the stock one, so the patched script
@@ -17,15 +17,23 @@ still runs plain GPT jobs. What differs between Megatron-LM releases goes throug
   ``--moma-vocab-ranges``, or the ``.vocab.json`` that ``moma-preprocess`` writes beside the first
   ``--data-path`` prefix.
 - ``forward_step(stock_forward_step, get_batch)``: the script's ``get_batch`` (TP broadcast, context
-  parallelism), then the model with the batch's modality ids; its ``loss_func`` adds the joint
+  parallelism), then the model with the batch's modality ids (``modality_stream`` below for pipeline
+  stages without the embedding); its ``loss_func`` adds the joint
   aux-router loss (``--aux-router-joint``) and reports, through Megatron-LM's own logging, the loss of
   each modality (``text lm loss``...). The routing metrics of ``moma_plugin.metrics``
   (``moma/layer0/image/tokens_per_expert_min``...) go to Megatron-LM's TensorBoard writer directly:
   their keys vary with the tokens a micro-batch holds, and Megatron-LM all-reduces every report key
   over the data-parallel ranks, so a key one rank lacks would mismatch the collectives.
 
-Not yet (refused with a message): pipeline parallelism (a stage without tokens has no modality ids),
-expert parallelism (Megatron-LM's DDP would need to reduce the MoMa experts over expert-DP), packed
+- Pipeline parallelism: the stock ``get_batch`` hands tokens to the first stage only, so the stages
+  after it could not derive modality ids. ``dataset_built_on_rank(stock)`` (wrapping
+  ``is_dataset_built_on_rank``) has every stage's first TP rank read the micro-batches, as the stock
+  script does for packed sequences, and ``forward_step`` derives each stage's modality ids from the
+  tokens it read and broadcasts them over the stage's TP group. A stage without the loss
+  backpropagates its aux routers' loss itself (``--aux-router-joint``). Its routing metrics are read
+  and reset there, but only the last stage's reach TensorBoard (its writer lives on the last rank).
+
+Not yet (refused with a message): expert parallelism (Megatron-LM's DDP would need to reduce the MoMa experts over expert-DP), packed
 sequences, and checkpoints in ``torch_dist`` format (the stacked experts have no
 ``sharded_state_dict``; use ``--ckpt-format torch``). docs/MEGATRON_LM.md has the commands.
 """
@@ -101,9 +109,14 @@ def check_args(args):
     if args.save and getattr(args, "ckpt_format", "torch") != "torch":
         raise ValueError(f"MoMa under Megatron-LM saves with --ckpt-format torch only (the stacked experts have "
                          f"no sharded_state_dict for {args.ckpt_format} yet): add --ckpt-format torch")
-    if args.pipeline_model_parallel_size > 1:
-        raise ValueError("MoMa under Megatron-LM with --pipeline-model-parallel-size > 1 is not supported "
-                         "yet (later stages get no token ids to derive modality ids from); use PP 1")
+    if args.pipeline_model_parallel_size > 1 and getattr(args, "context_parallel_size", 1) > 1:
+        raise ValueError("MoMa under Megatron-LM with --pipeline-model-parallel-size > 1 and "
+                         "--context-parallel-size > 1 is not supported (the later stages' modality ids "
+                         "are not split over context-parallel ranks); use one of the two")
+    if args.pipeline_model_parallel_size > 1 and args.aux_router_joint and args.calculate_per_token_loss:
+        raise ValueError("MoMa under Megatron-LM: --aux-router-joint with --pipeline-model-parallel-size > 1 "
+                         "and --calculate-per-token-loss is not supported (the stages without the loss "
+                         "cannot weight their aux-router loss by the tokens); drop one of them")
     if getattr(args, "expert_model_parallel_size", 1) > 1:
         raise ValueError("MoMa under Megatron-LM with --expert-model-parallel-size > 1 is not supported yet "
                          "(Megatron-LM's DDP must reduce the MoMa experts over the expert-data-parallel "
@@ -162,28 +175,98 @@ def config_from_args(stock_config_from_args: Callable) -> Callable:
     return make
 
 
+def dataset_built_on_rank(stock_is_dataset_built_on_rank: Callable) -> Callable:
+    """``is_dataset_built_on_rank``'s replacement: under MoMa with pipeline parallelism the first TP
+    rank of every stage reads the data (each stage derives its modality ids from the tokens), else the
+    stock answer."""
+    def built(vp_stage=None, **kwargs):
+        from megatron.core import parallel_state
+        from megatron.training import get_args
+
+        args = get_args()
+        if uses_moma(args) and args.pipeline_model_parallel_size > 1:
+            return parallel_state.get_tensor_model_parallel_rank() == 0
+        return stock_is_dataset_built_on_rank(vp_stage, **kwargs)
+    return built
+
+
+class _Recorded:
+    """An iterator that keeps the tokens of the last item it handed out (the stock ``get_batch`` of the
+    last stage reads them, then drops them: core_v0.19 sets them to None in the item itself)."""
+
+    def __init__(self, iterator):
+        self.iterator, self.tokens = iterator, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.iterator)
+        self.tokens = item["tokens"]
+        return item
+
+
+def modality_stream(recorded: Optional[_Recorded], config: MoMaConfig, args) -> torch.Tensor:
+    """[b, s] modality ids of the micro-batch on a stage without the embedding: its first TP rank
+    derives them from the tokens the stock ``get_batch`` read (the last stage), or reads the
+    micro-batch itself (a middle stage, where ``get_batch`` reads nothing); then they are broadcast over
+    the stage's TP group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        if recorded is None:
+            raise ValueError("MoMa under Megatron-LM with pipeline parallelism: this stage has no data "
+                             "iterator, so it cannot derive its modality ids; is_dataset_built_on_rank must be "
+                             "wrapped with moma_plugin.megatron_lm.dataset_built_on_rank (the patches do it)")
+        if recorded.tokens is None:  # a middle stage: the stock get_batch read nothing
+            next(recorded)
+        tokens = recorded.tokens.to(torch.cuda.current_device())
+        ids = modality_ids_from_tokens(tokens, config.moma_vocab_ranges, config.moma_modalities).long()
+    else:
+        ids = torch.empty(args.micro_batch_size, args.seq_length, dtype=torch.long,
+                          device=torch.cuda.current_device())
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(ids, parallel_state.get_tensor_model_parallel_src_rank(),
+                                    group=parallel_state.get_tensor_model_parallel_group())
+    return ids
+
+
 def forward_step(stock_forward_step: Callable, get_batch: Callable) -> Callable:
     """The script's ``forward_step`` under MoMa: its ``get_batch``, the batch's modality ids (from
-    token ids) passed to the model, and ``loss_func`` below."""
+    token ids; ``modality_stream`` on a stage without the embedding) passed to the model, and
+    ``loss_func`` below on the last stage."""
     def step(data_iterator, model, return_schedule_plan: bool = False):
         from megatron.training import get_args
 
-        if not uses_moma(get_args()):
+        args = get_args()
+        if not uses_moma(args):
             return stock_forward_step(data_iterator, model, return_schedule_plan)
         if return_schedule_plan:
             raise ValueError("MoMa does not build schedule plans (--overlap-moe-expert-parallel-comm)")
         moma = stage_of(model)
-        batch = megatron_lm_batch(get_batch(data_iterator, getattr(moma, "vp_stage", None)))
+        config = moma.config
+        recorded = None if moma.pre_process or data_iterator is None else _Recorded(data_iterator)
+        batch = megatron_lm_batch(get_batch(recorded or data_iterator, getattr(moma, "vp_stage", None)))
         if batch.get("packed_seq_params") is not None or batch.get("cu_seqlens") is not None:
             raise ValueError("MoMa under Megatron-LM does not take packed sequences yet (--sft, "
                              "--dataloader-inter-document-masking): leave them off")
         tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-        config = moma.config
-        modality_ids = modality_ids_from_tokens(tokens, config.moma_vocab_ranges, config.moma_modalities)
-        label_modality = modality_ids_from_tokens(labels, config.moma_vocab_ranges, config.moma_modalities)
+        if moma.pre_process:
+            modality_ids = modality_ids_from_tokens(tokens, config.moma_vocab_ranges, config.moma_modalities)
+        else:  # the stock batch of a later stage holds no tokens (TP rank 0 of the last stage aside)
+            tokens, modality_ids = None, modality_stream(recorded, config, args)
         output = model(tokens, batch["position_ids"], batch["attention_mask"], labels=labels,
                        loss_mask=loss_mask, modality_ids=modality_ids)
-        return output, partial(loss_func, loss_mask, label_modality, moma)
+        if moma.post_process:
+            label_modality = modality_ids_from_tokens(labels, config.moma_vocab_ranges, config.moma_modalities)
+            return output, partial(loss_func, loss_mask, label_modality, moma)
+        aux = pop_aux_loss(moma)  # a stage without the loss: its aux routers learn here
+        if aux is not None and aux.requires_grad:
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+            (aux.float() / get_num_microbatches()).backward()  # as the schedule divides the loss
+        log_routing_metrics(moma)
+        return output, None
     return step
 
 

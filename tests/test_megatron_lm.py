@@ -205,9 +205,141 @@ def test_a_megatron_lm_job_trains_moma_like_moma_pretrain(tmp_path, bundled, how
     assert any(tag.startswith("moma/layer") for tag in scalars) and any(tag.startswith("mod/") for tag in scalars)
 
 
+# -- pipeline parallelism: three stages, the middle one without tokens or labels --------------------
+PIPELINE_STAND_INS = dict(STAND_INS, **{
+    "torch.cuda.synchronize": "does nothing: the schedule's p2p exchange synchronizes the device",
+    "torch.zeros(device='cuda')": "allocates on the CPU: the schedule's token counter"})
+STAGES, MICRO_BATCHES = 3, 2
+
+
+def _pipeline_job_rank(rank, world, port, root, script, prefix, vocab_size, workdir):
+    """One stage of a Megatron-LM job at --pipeline-model-parallel-size 3: its own arguments, model
+    stage, datasets (every stage builds them: the wrapped is_dataset_built_on_rank) and the wrapped
+    forward_step under Megatron-Core's 1F1B schedule, forward and backward of two micro-batches."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    sys.path.insert(0, root)
+    flags = megatron_args(prefix, vocab_size, f"{workdir}/tb")
+    flags[flags.index("--num-layers") + 1] = str(STAGES)
+    flags[flags.index("--global-batch-size") + 1] = str(2 * MICRO_BATCHES)
+    flags[flags.index("--mod-interval") + 1] = "1"  # MoD layers 1 and 2: on the stages without tokens
+    sys.argv = ["pretrain_gpt.py", *flags, "--mod-start-layer", "1", "--pipeline-model-parallel-size", str(world)]
+    torch.set_num_threads(1)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # PIPELINE_STAND_INS
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    zeros = torch.zeros
+    torch.zeros = lambda *a, device=None, **k: zeros(*a, device="cpu" if str(device).startswith("cuda") else device, **k)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world)
+    import pretrain_gpt
+    job = importlib.import_module(script)
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_global_variables
+
+    from moma_plugin import megatron_lm
+
+    args = parse_args(extra_args_provider=megatron_lm.extra_args_provider())
+    validate_args(args)
+    set_global_variables(args, build_tokenizer=True)
+    torch.manual_seed(args.seed + rank)
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    if hasattr(job, "gpt_config_from_args"):  # core_v0.19
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        model_config = job.gpt_config_from_args(args)
+        model = model_config.get_builder_cls()(model_config).build_model(ProcessGroupCollection.use_mpu_process_groups())
+    else:
+        model = pretrain_gpt.model_provider(job.gpt_builder, pre_process=first, post_process=last)
+    train, _, _ = job.train_valid_test_datasets_provider([2 * MICRO_BATCHES, 0, 0])
+    seen = []  # the micro-batches this stage read
+
+    def read():
+        for batch in torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size):
+            seen.append({key: value.clone() for key, value in batch.items() if torch.is_tensor(value)})
+            yield batch
+
+    reports = get_forward_backward_func()(
+        forward_step_func=job.forward_step, data_iterator=read() if train is not None else None, model=[model],
+        num_microbatches=MICRO_BATCHES, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        forward_only=False)
+    torch.save({"first": first, "last": last, "pre_process": model.pre_process, "reports": reports, "seen": seen,
+                "state": model.state_dict(),
+                "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}},
+               f"{workdir}/stage{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("how, script", [("patch", "pretrain_gpt"), ("script", "pretrain_moma_gpt")])
+def test_a_megatron_lm_job_in_pipeline_stages_trains_the_whole_model(megatron_single_process, tmp_path, bundled,
+                                                                    how, script):
+    """Three pipeline stages of a patched (or example-script) Megatron-LM job, 4t4i with MoD layers on
+    the two stages without tokens and aux routers trained jointly: every stage reads the same micro-batches (the
+    middle one too, which the stock script gives no data), and the losses of the last stage and the
+    gradients of every stage equal moma-pretrain's whole model with the stages' weights."""
+    pytest.importorskip("triton", reason="Megatron-LM's training side imports triton: pip install "
+                                         "moma_plugin[megatron-lm]")
+    root = checkout(tmp_path, how)
+    prefix, vocab_size = bundled
+    run_ranks(_pipeline_job_rank, (STAGES, free_port(), str(root), script, prefix, vocab_size, str(tmp_path)),
+              nprocs=STAGES, timeout_s=300, what=f"{script}.py ({how}) in {STAGES} pipeline stages")
+    stages = [torch.load(tmp_path / f"stage{rank}.pt", weights_only=False) for rank in range(STAGES)]
+    assert [s["pre_process"] for s in stages] == [True, False, False] and stages[-1]["last"]
+    for stage in stages[1:]:  # every stage read the same micro-batches
+        assert len(stage["seen"]) == MICRO_BATCHES
+        assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(stage["seen"], stages[0]["seen"]))
+    assert [r for s in stages[:-1] for r in s["reports"]] == []
+
+    from moma_plugin import pipeline
+    from moma_plugin.aux_router import pop_aux_loss, set_aux_router_training
+    from moma_plugin.data.vocab import VocabularyLayout
+    from moma_plugin.training.arguments import parse_args as moma_parse_args
+    from moma_plugin.training.initialize import Parallel, build_model
+    from moma_plugin.training.step import forward_loss
+
+    whole, grads = {}, {}
+    for index, stage in enumerate(stages):
+        for key, value in stage["state"].items():
+            whole.setdefault(pipeline.whole_model_name(key, index), value)
+        for key, grad in stage["grads"].items():
+            key = "embedding.word_embeddings.weight" if key == "output_layer.weight" else key  # tied
+            name = pipeline.whole_model_name(key, index)
+            grads[name] = grads[name] + grad if name in grads else grad
+    whole.pop("output_layer.weight")
+    layout = VocabularyLayout.load(f"{prefix}.vocab.json")
+    moma_args = moma_parse_args(["--num-layers", str(STAGES), "--hidden-size", "32", "--num-attention-heads", "4",
+                                 "--seq-length", "64", "--moma-experts", "4t4i", "--mod-interval", "1",
+                                 "--mod-start-layer", "1", "--mod-capacity", "0.5", "--aux-router-joint",
+                                 "--data-path", prefix, "--train-iters", "1", "--micro-batch-size", "2"])
+    parallel = Parallel(rank=0, world=1, tp_rank=0, tp=1, dp_rank=0, dp=1, device=torch.device("cpu"))
+    reference, _ = build_model(moma_args, layout, parallel)
+    reference.load_state_dict(whole)
+    set_aux_router_training(reference, True)
+    assert [layer.is_mod for layer in reference.decoder.layers] == [False, True, True]
+    expected = []
+    for batch in stages[0]["seen"]:
+        mine = {"tokens": batch["tokens"], "labels": batch["labels"], "position_ids": batch["position_ids"],
+                "modality_ids": torch.from_numpy(layout.modality_ids(batch["tokens"].numpy()))}
+        loss = (forward_loss(reference, mine) * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        ((loss + pop_aux_loss(reference)) / MICRO_BATCHES).backward()  # as Megatron-LM's loss_func
+        expected.append(float(loss.detach()))
+    reports = stages[-1]["reports"]
+    assert [float(r["lm loss"][0] / r["lm loss"][1]) for r in reports] == pytest.approx(expected, rel=1e-5)
+    assert all(float(r["aux router loss"][0]) > 0 for r in reports)
+    reference_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == reference_grads.keys()
+    assert any(".aux_router" in name and ".layers.1." in name for name in grads)  # the middle stage's learn
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"ckpt_format": "torch_dist"}, "add --ckpt-format torch"),
-    ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size > 1 is not supported yet"),
+    ({"pipeline_model_parallel_size": 2, "context_parallel_size": 2}, "--context-parallel-size > 1 is not supported"),
+    ({"pipeline_model_parallel_size": 2, "calculate_per_token_loss": True}, "--calculate-per-token-loss is not supported"),
     ({"expert_model_parallel_size": 2}, "--expert-model-parallel-size > 1 is not supported yet")])
 def test_what_megatron_lm_jobs_cannot_do_yet_is_refused(change, message):
     from types import SimpleNamespace
@@ -215,7 +347,8 @@ def test_what_megatron_lm_jobs_cannot_do_yet_is_refused(change, message):
     from moma_plugin import megatron_lm
 
     args = SimpleNamespace(save="ckpt", ckpt_format="torch", pipeline_model_parallel_size=1,
-                           expert_model_parallel_size=1)
+                           expert_model_parallel_size=1, context_parallel_size=1, aux_router_joint=True,
+                           calculate_per_token_loss=False)
     megatron_lm.check_args(args)
     for key, value in change.items():
         setattr(args, key, value)

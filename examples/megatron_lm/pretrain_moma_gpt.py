@@ -16,6 +16,9 @@ from moma_plugin import megatron_lm as moma
 from moma_plugin.megatron_compat import megatron_lm_builds_from_config
 
 forward_step = moma.forward_step(stock.forward_step, stock.get_batch)
+# The stock dataset provider asks this (a module global) which ranks read data: every pipeline stage
+# under MoMa.
+stock.is_dataset_built_on_rank = moma.dataset_built_on_rank(stock.is_dataset_built_on_rank)
 train_valid_test_datasets_provider = stock.train_valid_test_datasets_provider
 extra_args_provider = moma.extra_args_provider(stock.add_modelopt_args if stock.has_nvidia_modelopt else None)
 if megatron_lm_builds_from_config():  # core_v0.19 on: the model config names its builder

@@ -251,7 +251,9 @@ def build_model(args, layout, parallel: Parallel):
         # The activations passed between stages are the fp32 residual stream. Under gloo, batched
         # isend/irecv handed the interleaved schedule stale activations (tests/test_pipeline_parallel.py):
         # separate sends there.
-        overrides.update(pipeline_dtype=torch.float32, batch_p2p_comm=parallel.device.type == "cuda")
+        # A stage's output is freed once sent (Megatron-LM's default too).
+        overrides.update(pipeline_dtype=torch.float32, batch_p2p_comm=parallel.device.type == "cuda",
+                         deallocate_pipeline_outputs=True)
     try:
         config = moma_config_from_args(args, **overrides)
     except (ValueError, NotImplementedError) as e:
