@@ -85,9 +85,10 @@ class Cluster:
     def run(self, *command, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(list(command), env=self.env, capture_output=True, text=True, check=True, **kwargs)
 
-    def submit(self, *command, env: Optional[Dict[str, str]] = None) -> str:
+    def submit(self, *command, env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None) -> str:
+        """The job id of ``sbatch command`` (an array's id for an array job), run in ``cwd``."""
         proc = subprocess.run(["sbatch", "--parsable", *command], env={**self.env, **(env or {})},
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=cwd)
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(command)}: {proc.stderr}")
         return proc.stdout.strip().split(";")[0]
@@ -96,6 +97,18 @@ class Cluster:
         """``scontrol show job`` as {field: value}."""
         text = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+    def wait_array(self, job_id: str, tasks: int, timeout_s: float) -> Dict[int, str]:
+        """{task: final state} of array job ``job_id`` once its ``tasks`` tasks have all ended."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.run("scontrol", "show", "job", "-o", job_id).stdout
+            records = [dict(item.split("=", 1) for item in line.split() if "=" in item) for line in text.splitlines()]
+            states = {int(r["ArrayTaskId"]): r["JobState"] for r in records if r.get("ArrayTaskId", "").isdigit()}
+            if len(states) == tasks and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states.values()):
+                return states
+            time.sleep(0.5)
+        raise TimeoutError(f"array job {job_id} not finished after {timeout_s} s:\n{text}")
 
     def wait(self, job_id: str, timeout_s: float, until=lambda job: job["JobState"] in ("COMPLETED", "FAILED",
                                                                                        "CANCELLED", "TIMEOUT")):

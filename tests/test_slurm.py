@@ -1,7 +1,8 @@
 """launch_scripts/ on a real SLURM (tests/slurm_cluster.py: one node, daemons of Debian's packages): the
 moma-pretrain script as a 2-task job (two launchers of one worker each, rendezvous on this host, as two
 nodes would), and preempted mid-run (SIGTERM to the batch shell, as --signal sends it), requeued and
-resumed to the loss of the run that was not stopped. Skips where SLURM is not installed."""
+resumed to the loss of the run that was not stopped; the sweep as the array job it declares, tabled by
+moma-compare. Skips where SLURM is not installed."""
 
 import os
 import re
@@ -82,3 +83,33 @@ def test_a_preempted_job_saves_requeues_and_resumes_to_the_same_loss(cluster, st
     assert "SIGTERM" in log and stopped and 10 <= int(stopped.group(1)) < ITERS, log[-3000:]
     assert f"done: {ITERS} iterations" in log
     assert final_loss(log) == final_loss(straight[0])
+
+
+def test_the_sweep_runs_as_an_array_job(cluster, tmp_path):
+    """sbatch launch_scripts/sweep.sbatch from the repository, as docs/SLURM.md submits it: its own
+    ``#SBATCH --array=0-3`` makes one task per setting (dense, 8x, 1t1i, 4t4i), each a moma-pretrain
+    job in its own run dir and checkpoint folder under SWEEP_DIR; moma-compare then tables them."""
+    sweep = tmp_path / "sweep"
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GPUS_PER_NODE": "1",
+           "SWEEP_DIR": str(sweep), "MOMA_CACHE": os.environ.get("MOMA_CACHE", "")}
+    flags = ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--train-iters", "4", "--log-interval", "2",
+             "--eval-iters", "1", "--no-progress-bar", "--micro-batch-size", "2", "--global-batch-size", "4"]
+    job_id = cluster.submit("--ntasks", "1", "--output", str(tmp_path / "sweep-%a.log"), "launch_scripts/sweep.sbatch",
+                            *flags, env={k: v for k, v in env.items() if v}, cwd=REPO)
+    states = cluster.wait_array(job_id, tasks=4, timeout_s=600)
+    settings = ["dense", "8x", "1t1i", "4t4i"]
+    for task, name in enumerate(settings):
+        log = (tmp_path / f"sweep-{task}.log").read_text()
+        assert states[task] == "COMPLETED", log[-3000:]
+        assert f"moma-pretrain {name}:" in log and "done: 4 iterations" in log, log[-3000:]
+        assert (sweep / name / "checkpoints" / "iter_0000004").is_dir()
+    table = subprocess.run([str(Path(sys.executable).parent / "moma-compare"), *(str(sweep / name) for name in settings),
+                            "--output", str(tmp_path / "sweep.png")], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    rows = {}  # run name -> its row ("* " marks the baseline)
+    for line in table.stdout.splitlines():
+        cells = line.split()
+        cells = cells[1:] if cells[:1] == ["*"] else cells
+        if cells:
+            rows[cells[0]] = cells
+    assert all(rows[name][1] == name for name in settings), table.stdout  # run name, experts column
