@@ -25,6 +25,7 @@ setup(
         "moma-generate=moma_plugin.training.generate:main",
         "moma-torchrun=moma_plugin.launch:main",
         "moma-convert-checkpoint=moma_plugin.training.convert:main",
+        "moma-upcycle=moma_plugin.training.upcycle:main",
     ]},
     extras_require={
         "te": ["transformer-engine[pytorch]"],

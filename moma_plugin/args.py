@@ -39,8 +39,9 @@ def add_moma_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="each expert takes ceil(tokens * factor / experts) tokens of its modality")
     group.add_argument("--no-moma-router-fp32", dest="moma_router_fp32", action="store_false",
                        help="compute router scores in the model dtype instead of float32")
-    group.add_argument("--moma-router-gumbel-noise", action="store_true",
-                       help="Gumbel-sigmoid noise on router logits while training")
+    group.add_argument("--moma-router-gumbel-noise", action=argparse.BooleanOptionalAction, default=False,
+                       help="Gumbel-sigmoid noise on router logits while training (on by default in the "
+                            "phase after moma-upcycle)")
     group.add_argument("--moma-force-balanced-routing", action="store_true",
                        help="debug: ignore scores when choosing tokens; every expert gets the same load")
     group.add_argument("--moma-vocab-ranges", type=parse_vocab_ranges, default=None,

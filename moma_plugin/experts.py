@@ -25,7 +25,7 @@ Every expert takes part every step, also with zero tokens, so each expert parame
 gradient (zeros if idle) and sharded data parallelism never waits on a rank whose expert was idle.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -178,6 +178,23 @@ class StackedExperts(torch.nn.Module):
             "moma-pretrain's checkpoints (torch.save per TP rank, one tensor per expert) or "
             "model.state_dict()."
         )
+
+
+def per_expert_state(state: Dict[str, Any], groups: Sequence) -> Dict[str, Any]:
+    """``state`` with each stacked expert tensor (``...experts.fc1_weight`` [E, ...] of every expert, as an
+    FSDP2 checkpoint's DCP directory holds them) split into a checkpoint's per-expert names
+    (``...experts.<group>.<index>.linear_fc1.weight``); ``groups``: the layers' expert groups, in order."""
+    names = [f"{g.name}.{i}" for g in groups for i in range(g.num_experts)]
+    out = {}
+    for key, value in state.items():
+        prefix, _, name = key.rpartition(".")
+        if name in _EXPERT_KEYS and prefix.endswith(".experts") and torch.is_tensor(value) \
+                and value.shape[0] == len(names):
+            out.update({f"{prefix}.{expert}.{_EXPERT_KEYS[name]}": tensor
+                        for expert, tensor in zip(names, value.unbind(0))})
+        else:
+            out[key] = value
+    return out
 
 
 def stacked_parameter_sources(model: torch.nn.Module, every: bool = False) -> Dict[str, List[str]]:

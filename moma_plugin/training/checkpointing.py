@@ -231,6 +231,11 @@ def saved_iterations(save) -> List[int]:
     return sorted(set(found))
 
 
+def has_checkpoints(directory) -> bool:
+    """Whether ``directory`` (None: no) holds a tracker or an iteration directory."""
+    return directory is not None and ((Path(directory) / TRACKER).exists() or bool(saved_iterations(directory)))
+
+
 def checkpoint_dir(save, iteration: int) -> Path:
     """Where iteration ``iteration`` lies: ``iter_X``, or ``iter_X.replaced`` while a publish that was
     interrupted between its renames has not been put right (``tidy``)."""

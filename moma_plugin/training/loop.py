@@ -92,11 +92,6 @@ def run_directories(args):
     return run_dir, save_dir
 
 
-def has_checkpoints(directory) -> bool:
-    return directory is not None and ((Path(directory) / checkpointing.TRACKER).exists()
-                                      or bool(checkpointing.saved_iterations(directory)))
-
-
 class PretrainJob:
     """One run of ``moma-pretrain`` (see the module docstring); ``run()`` returns its RunResult."""
 
@@ -141,7 +136,7 @@ class PretrainJob:
         """Restores the newest checkpoint of --load (or of --save, when it holds one). False when the
         run is finished already."""
         args, parallel = self.args, self.parallel
-        load_dir = Path(args.load) if args.load else self.save_dir if has_checkpoints(self.save_dir) else None
+        load_dir = Path(args.load) if args.load else self.save_dir if checkpointing.has_checkpoints(self.save_dir) else None
         if load_dir is None:
             if args.ckpt_step is not None:
                 raise UsageError(f"--ckpt-step {args.ckpt_step} needs a checkpoint to resume: pass "
@@ -178,12 +173,16 @@ class PretrainJob:
         if not checkpointing.is_sharded(state):
             checkpointing.load_model_state(self.model, state["model"])  # before the engine wraps it
         self.start_engine()
-        self.engine.load_checkpoint(state, found.directory)
-        for note in resume.reconcile_schedule(state, args):
-            self.say(f"note: {note}")
-        resume.apply_optimizer_values(self.engine.optimizer, args)
-        self.scheduler = build_scheduler(self.engine.optimizer, args)
-        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        upcycled = state["moma"].get("upcycled")
+        if upcycled:  # moma-upcycle's iteration 0: a fresh optimizer and schedule (start_engine's)
+            self.start_upcycled_phase(upcycled)
+        else:
+            self.engine.load_checkpoint(state, found.directory)
+            for note in resume.reconcile_schedule(state, args):
+                self.say(f"note: {note}")
+            resume.apply_optimizer_values(self.engine.optimizer, args)
+            self.scheduler = build_scheduler(self.engine.optimizer, args)
+            self.scheduler.load_state_dict(state["opt_param_scheduler"])
         sampler_state, failed = resume.nan_stop_sampler(self.save_dir, load_dir, iteration,
                                                         args_for_checkpoint(args))
         self.sampler.load_state_dict(sampler_state or state["moma"]["sampler"])
@@ -203,13 +202,25 @@ class PretrainJob:
         if same_dir:
             self.last_saved = (iteration, found.directory)
             self.set_aside_newer(iteration)
-        elif has_checkpoints(self.save_dir):
+        elif checkpointing.has_checkpoints(self.save_dir):
             held = checkpointing.saved_iterations(self.save_dir)
             self.say(f"note: --save {self.save_dir} already holds iteration(s) {held}; this run's saves "
                      "replace those of the same iteration (each once its replacement is complete)")
-        self.say(f"resumed from {found.directory} at iteration {iteration} "
-                 f"({self.consumed_tokens:,} tokens seen)")
+        if not upcycled:
+            self.say(f"resumed from {found.directory} at iteration {iteration} "
+                     f"({self.consumed_tokens:,} tokens seen)")
         return True
+
+    def start_upcycled_phase(self, upcycled: Dict):
+        """After ``moma-upcycle``: Gumbel-sigmoid router noise unless the flags say otherwise."""
+        args = self.args
+        if "moma_router_gumbel_noise" not in getattr(args, "explicit", {}):
+            args.moma_router_gumbel_noise = True
+            self.model.config.moma_router_gumbel_noise = True  # read at every forward
+        self.say(f"upcycled phase: iteration {upcycled['iteration']} of {upcycled['moma_experts']} "
+                 f"({upcycled['from']}) upcycled to {args.moma_experts}; a fresh optimizer and learning-rate "
+                 f"schedule, Gumbel-sigmoid router noise {'on' if args.moma_router_gumbel_noise else 'off'}; the "
+                 "data continues where the source run stopped")
 
     def start_engine(self):
         """The data-parallel engine around the model (its final weights), its optimizer, the schedule."""
