@@ -48,7 +48,7 @@ _EXPERT_KEYS = {"fc1_weight": "linear_fc1.weight", "fc1_bias": "linear_fc1.bias"
                 "fc2_weight": "linear_fc2.weight", "fc2_bias": "linear_fc2.bias"}
 
 
-def _tp_shard(full: Tensor, dim: int, stride: int, rank: int, world: int) -> Tensor:
+def tp_shard(full: Tensor, dim: int, stride: int, rank: int, world: int) -> Tensor:
     """This rank's part of a full tensor, as Megatron splits a master weight: pieces of
     size/(world*stride) along ``dim``, rank r taking pieces r, r + world, ... (SwiGLU's fc1 has stride
     2: each rank holds its slice of the gate and its slice of the up projection)."""
@@ -89,8 +89,8 @@ class StackedExperts(torch.nn.Module):
             config.init_method(master1)
             config.output_layer_init_method(master2)
             if index in held:
-                fc1.append(_tp_shard(master1, 0, 2, rank, world))
-                fc2.append(_tp_shard(master2, 1, 1, rank, world))
+                fc1.append(tp_shard(master1, 0, 2, rank, world))
+                fc2.append(tp_shard(master2, 1, 1, rank, world))
         # (Built under ``torch.device("meta")``, e.g. to count parameters, the tensors stay there.)
         make = lambda t: torch.nn.Parameter(  # noqa: E731
             t.to(device=t.device if t.is_meta else device, dtype=config.params_dtype))

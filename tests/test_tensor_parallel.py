@@ -20,7 +20,7 @@ import torch
 import moma_plugin as mp
 from moma_plugin import layer as layer_module
 from moma_plugin import moma_mlp as moma_mlp_module
-from moma_plugin.experts import _tp_shard
+from moma_plugin.experts import tp_shard
 
 from .conftest import free_port, run_ranks
 from .helpers import random_batch, sequence_parallel_stand_ins, tiny_config, tiny_model
@@ -300,7 +300,7 @@ def test_shard_matches_megatron_master_weight_split():
             assert (weight.partition_dim, weight.partition_stride) == (dim, stride)
             torch.testing.assert_close(shard(master, weight, rank, TP), weight.data, rtol=0, atol=0)
             # and so does the split StackedExperts initialises each expert's slice with
-            torch.testing.assert_close(_tp_shard(master, dim, stride, rank, TP), weight.data,
+            torch.testing.assert_close(tp_shard(master, dim, stride, rank, TP), weight.data,
                                        rtol=0, atol=0)
 
 

@@ -172,6 +172,8 @@ def _parallel_ranks(rank, port, workdir, phase):
     else:
         losses = {"tp2": loop.pretrain([*PHASE, "--tensor-model-parallel-size", "2", "--save", f"{workdir}/up-tp2",
                                         "--run-dir", f"{workdir}/phase-tp2"]).train_losses,
+                  "tp1->tp2": loop.pretrain([*PHASE, "--tensor-model-parallel-size", "2", "--save",
+                                             f"{workdir}/up-to-tp2", "--run-dir", f"{workdir}/phase-to-tp2"]).train_losses,
                   "ep2": loop.pretrain([*PHASE, "--expert-model-parallel-size", "2", "--micro-batch-size", "2",
                                         "--global-batch-size", "4", "--save", f"{workdir}/up-ep2",
                                         "--run-dir", f"{workdir}/phase-ep2"]).train_losses}
@@ -181,12 +183,14 @@ def _parallel_ranks(rank, port, workdir, phase):
 
 @pytest.mark.slow
 def test_upcycling_at_tensor_and_expert_parallel_sizes(megatron_single_process, tmp_path):
-    """A TP 2 source upcycled and trained on at TP 2, and a TP 1 upcycled checkpoint trained on under
-    EP 2, give the losses of the same phase in one process (the CPU initialisation does not depend on
-    TP, and the fresh routers depend on the seed only)."""
+    """A TP 2 source upcycled and trained on at TP 2 or (re-split) at TP 1, a TP 1 source upcycled for
+    TP 2, and a TP 1 upcycled checkpoint trained on under EP 2 give the losses of the same phase in one
+    process (the CPU initialisation does not depend on TP, and the fresh routers depend on the seed
+    only)."""
     loop.pretrain([*TINY, "--moma-experts", "1t1i", "--train-iters", "3", "--run-dir", str(tmp_path / "source")])
     for name in ("up", "up-ep1", "up-ep2"):
         upcycle(tmp_path / "source" / "checkpoints", tmp_path / name, "4t4i")
+    upcycle(tmp_path / "source" / "checkpoints", tmp_path / "up-to-tp2", "4t4i", tensor_model_parallel_size=2)
     reference = loop.pretrain([*PHASE, "--save", str(tmp_path / "up"), "--run-dir", str(tmp_path / "phase")])
     accumulated = loop.pretrain([*PHASE, "--micro-batch-size", "2", "--global-batch-size", "4", "--save",
                                  str(tmp_path / "up-ep1"), "--run-dir", str(tmp_path / "phase-ep1")])
@@ -196,7 +200,12 @@ def test_upcycling_at_tensor_and_expert_parallel_sizes(megatron_single_process, 
     for rank in range(2):
         losses = torch.load(tmp_path / f"rank{rank}.pt")
         assert losses["tp2"] == pytest.approx(reference.train_losses, rel=1e-5)
+        assert losses["tp1->tp2"] == pytest.approx(reference.train_losses, rel=1e-5)  # re-split for TP 2
         assert losses["ep2"] == pytest.approx(accumulated.train_losses, rel=1e-5)
+    # The TP 2 source upcycled to one TP rank (its shards joined) trains on in one process.
+    upcycle(tmp_path / "source-tp2" / "checkpoints", tmp_path / "up-to-tp1", "4t4i", tensor_model_parallel_size=1)
+    joined = loop.pretrain([*PHASE, "--save", str(tmp_path / "up-to-tp1"), "--run-dir", str(tmp_path / "phase-to-tp1")])
+    assert joined.train_losses == pytest.approx(reference.train_losses, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -219,3 +228,34 @@ def test_fsdp2_and_deepspeed_checkpoints_upcycle(megatron_single_process, tmp_pa
     assert all(torch.equal(got[k], v) for k, v in expected.items() if torch.is_tensor(v))
     phase = loop.pretrain([*PHASE, "--save", str(tmp_path / "up"), "--run-dir", str(tmp_path / "phase")])
     assert phase.status == "completed" and all(math.isfinite(v) for v in phase.train_losses.values())
+
+
+
+def test_tp_layout_split_and_merge_are_inverse():
+    """Whole tensors cut for TP 2 and 4 and joined again are the same tensors; SwiGLU's fc1 shards hold
+    a slice of the gate and one of the up projection; the vocabulary is re-padded."""
+    from moma_plugin.training import tp_layout
+
+    g = torch.Generator().manual_seed(0)
+    whole = {"embedding.word_embeddings.weight": torch.randn(512, 8, generator=g),
+             "decoder.layers.0.self_attention.linear_qkv.weight": torch.randn(24, 8, generator=g),
+             "decoder.layers.0.self_attention.linear_proj.weight": torch.randn(8, 8, generator=g),
+             "decoder.layers.0.mlp.experts.text.1.linear_fc1.weight": torch.randn(16, 8, generator=g),
+             "decoder.layers.0.mlp.experts.text.1.linear_fc1.bias": torch.randn(16, generator=g),
+             "decoder.layers.0.mlp.experts.text.1.linear_fc2.weight": torch.randn(8, 8, generator=g),
+             "decoder.layers.0.mlp.experts.text.1.linear_fc2.bias": torch.randn(8, generator=g),
+             "decoder.layers.0.mlp.router.text.weight": torch.randn(2, 8, generator=g),
+             "decoder.layers.0.self_attention.linear_qkv._extra_state": None}
+    for tp in (2, 4):
+        shards = tp_layout.split(whole, tp, vocab_rows=512)
+        merged = tp_layout.merge(shards)
+        assert merged.keys() == whole.keys()
+        assert all(torch.equal(merged[k], v) for k, v in whole.items() if torch.is_tensor(v))
+        fc1 = shards[1]["decoder.layers.0.mlp.experts.text.1.linear_fc1.weight"]
+        gate, up = whole["decoder.layers.0.mlp.experts.text.1.linear_fc1.weight"].chunk(2)
+        assert torch.equal(fc1, torch.cat([gate.chunk(tp)[1], up.chunk(tp)[1]]))
+        assert torch.equal(shards[1]["decoder.layers.0.mlp.experts.text.1.linear_fc2.bias"],
+                           whole["decoder.layers.0.mlp.experts.text.1.linear_fc2.bias"])  # replicated
+    padded = tp_layout.merge(tp_layout.split(whole, 2, vocab_rows=768))["embedding.word_embeddings.weight"]
+    assert padded.shape == (768, 8) and torch.equal(padded[:512], whole["embedding.word_embeddings.weight"])
+    assert not padded[512:].any()

@@ -15,6 +15,9 @@ What each target group gets, per layer (``upcycle_model_state``):
 - a group that keeps its one expert (``1t1i`` -> ``4t1i``: the image group) is copied as it is.
 Everything else (attention, norms, embeddings, MoD routers and their aux routers) is copied bit for bit.
 
+Any engine's checkpoint upcycles (its whole tensors are read), at its TP size or, with
+``tensor_model_parallel_size``, re-split for another (``tp_layout``).
+
 The upcycled checkpoint is iteration 0 of the new phase (``iter_0000000`` in ``--save``) with no optimizer
 state and no schedule: ``moma-pretrain`` starts a fresh optimizer and learning-rate schedule (warm-up and
 decay restart, ``--train-iters`` counting the new phase) and turns on ``--moma-router-gumbel-noise`` unless
@@ -34,7 +37,7 @@ import torch
 from ..cli import HelpFormatter, UsageError, run_tool
 from ..config import ExpertGroup, parse_expert_groups
 from ..experts import per_expert_state
-from . import checkpointing
+from . import checkpointing, tp_layout
 from .from_checkpoint import checkpoint_args
 
 TOOL = "moma-upcycle"
@@ -148,10 +151,11 @@ def _normal(shape, std: float, generator: torch.Generator, dtype) -> torch.Tenso
 
 
 def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_noise: float = 0.0,
-            seed: int = 0) -> Path:
+            seed: int = 0, tensor_model_parallel_size: Optional[int] = None) -> Path:
     """Upcycles iteration ``iteration`` (default: the newest intact) of ``load`` to ``experts`` into
-    ``save`` (iteration 0 there); returns the new iteration directory. One process reads every
-    tensor-parallel rank's file (any engine's checkpoint: whole tensors, ``checkpointing.full_state``)."""
+    ``save`` (iteration 0 there), at ``tensor_model_parallel_size`` (default: the source's); returns the
+    new iteration directory. One process reads every tensor-parallel rank's file (any engine's
+    checkpoint: whole tensors, ``checkpointing.full_state``)."""
     load, save = Path(load), Path(save)
     if save.resolve() == load.resolve():
         raise UsageError(f"--save {save} is --load: give the upcycled run its own directory")
@@ -164,7 +168,10 @@ def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_no
     if router_noise < 0:
         raise UsageError(f"--router-noise must be at least 0, got {router_noise}")
     tp = int(args.get("tensor_model_parallel_size", 1))
-    target_args = dict(args, moma_experts=experts, moma_router_gumbel_noise=True)
+    target_tp = tensor_model_parallel_size or tp
+    if target_tp < 1:
+        raise UsageError(f"--tensor-model-parallel-size must be at least 1, got {target_tp}")
+    target_args = dict(args, moma_experts=experts, moma_router_gumbel_noise=True, tensor_model_parallel_size=target_tp)
     states, directory = {}, None
     for tp_rank in range(tp):
         found = checkpointing.find_checkpoint(load, tp_rank, found_iteration, tp)
@@ -185,12 +192,27 @@ def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_no
             "opt_param_scheduler": None, "rng_state": state["rng_state"],
             "num_floating_point_operations_so_far": state["num_floating_point_operations_so_far"],
             "moma": moma}
+    if target_tp != tp:
+        states = _at_tensor_parallel_size(states, target_tp, args)
     summary = {"upcycled_from": str(directory), "source_iteration": found_iteration}
     path = checkpointing.save_offline(save, 0, states, summary)
     print(f"{TOOL}: iteration {found_iteration} of {load} ({args['moma_experts']}) upcycled to {experts} in {path}; "
           f"continue with moma-pretrain --moma-experts {experts} --save {save} and the run's other flags "
           "(a fresh optimizer and schedule; the data continues where it stopped)", flush=True)
     return path
+
+
+def _at_tensor_parallel_size(states: Dict[int, Dict[str, Any]], tp: int, args: Dict[str, Any]) -> Dict[int, Dict]:
+    """The upcycled states of every TP rank, re-split for ``tp`` ranks (``tp_layout``; the
+    vocabulary padded as that size pads it)."""
+    from ..data.vocab import VocabularyLayout
+    from .from_checkpoint import args_from_checkpoint, data_prefix
+    from .initialize import padded_vocab_size
+
+    vocab = VocabularyLayout.load(f"{data_prefix(args_from_checkpoint(args))}.vocab.json").vocab_size
+    rows = padded_vocab_size(vocab, tp, args.get("make_vocab_size_divisible_by", 128))
+    shards = tp_layout.split(tp_layout.merge([states[rank]["model"] for rank in sorted(states)]), tp, rows)
+    return {rank: dict(states[0], model=shard) for rank, shard in enumerate(shards)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-noise", type=float, default=0.0,
                         help="std of the Gaussian noise added to each copied router row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh routers and of the noise")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                        help="TP size of the upcycled checkpoint (default: the source's)")
     return parser
 
 
@@ -213,7 +237,7 @@ def main(argv: Optional[List[str]] = None):
     def _run(argv):
         options = build_parser().parse_args(argv)
         return upcycle(options.load, options.save, options.moma_experts, options.ckpt_step,
-                       options.router_noise, options.seed)
+                       options.router_noise, options.seed, options.tensor_model_parallel_size)
 
     run_tool(TOOL, _run, sys.argv[1:] if argv is None else argv)
 
