@@ -1,10 +1,13 @@
 """The README's example keeps working (a short run; what it prints is checked, not its timing)."""
 
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import free_port
 
@@ -23,3 +26,20 @@ def test_tiny_moma_example_trains_on_the_bundled_corpus(tmp_path):
     held_out = re.search(r"held-out loss text ([0-9.]+), image ([0-9.]+)", result.stdout)
     assert held_out and all(float(v) < 7 for v in held_out.groups())
     assert "steps outside the bound 0" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_upcycling_example_runs_both_phases_and_the_baseline(tmp_path):
+    """examples/upcycling.sh (its measured table is in docs/TRAINING.md, "Upcycling"), 3 iterations per
+    phase: the upcycled run's FLOPs axis continues the source run's, and moma-compare tables all three."""
+    env = {**os.environ, "MOMA_CACHE": str(tmp_path / "cache"), "PATH": f"{pathlib.Path(sys.executable).parent}"
+           f"{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "examples" / "upcycling.sh"), str(tmp_path / "runs"), "3"],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "upcycled phase: iteration 3 of 1t1i" in result.stdout
+    table = json.loads((tmp_path / "runs" / "compare.json").read_text())
+    runs = {run["name"]: run for run in table["runs"]}
+    assert set(runs) == {"4t4i-scratch", "4t4i-upcycled", "1t1i"} and runs["4t4i-scratch"]["is_baseline"]
+    # Both phases together cost about what the scratch run did (same iterations, FLOPs within 1%).
+    assert runs["4t4i-upcycled"]["final_flops"] == pytest.approx(runs["4t4i-scratch"]["final_flops"], rel=0.01)
