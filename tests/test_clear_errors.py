@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from moma_plugin.data import preprocess
-from moma_plugin.training import aux_routers, convert, generate, loop
+from moma_plugin.training import aux_routers, convert, generate, loop, upcycle
 
 from .test_pretrain import REPO, TINY
 
@@ -203,6 +203,10 @@ def _setup(case: str, world: Path, tmp: Path):
     if case == "moma-convert-checkpoint onto its --load":
         load = str(ckpt())
         return convert.main, ["--load", load, "--save", load]
+    if case == "moma-upcycle without a checkpoint":
+        return upcycle.main, ["--load", str(tmp / "nothing"), "--save", str(tmp / "up"), "--moma-experts", "4t4i"]
+    if case == "moma-upcycle of a checkpoint with several experts per group":
+        return upcycle.main, ["--load", str(ckpt()), "--save", str(tmp / "up"), "--moma-experts", "8t8i"]
     raise KeyError(case)
 
 
@@ -258,6 +262,9 @@ CASES = [
      "moma-convert-checkpoint"),
     ("moma-convert-checkpoint onto its --load", "is --load: give another directory",
      "moma-convert-checkpoint"),
+    ("moma-upcycle without a checkpoint", "nothing: no complete checkpoint there", "moma-upcycle"),
+    ("moma-upcycle of a checkpoint with several experts per group", "its group 'text' has 4 experts",
+     "moma-upcycle"),
 ]
 
 
