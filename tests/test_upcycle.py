@@ -213,7 +213,8 @@ def test_upcycling_at_tensor_and_expert_parallel_sizes(megatron_single_process, 
                          ids=["fsdp2", "deepspeed"])
 def test_fsdp2_and_deepspeed_checkpoints_upcycle(megatron_single_process, tmp_path, engine, monkeypatch):
     """An FSDP2 checkpoint (weights in its sharded DCP directory) and a DeepSpeed one upcycle like a ddp
-    one: the upcycled weights are those of the source's whole tensors, and the new phase trains."""
+    one: the upcycled weights are those of the source's whole tensors, and the new phase trains under
+    the same engine, saves and resumes."""
     monkeypatch.chdir(REPO)
     loop.pretrain([*TINY, "--moma-experts", "1t1i", "--train-iters", "3", *engine, "--run-dir", str(tmp_path / "source")])
     saved = tmp_path / "source" / "checkpoints"
@@ -226,8 +227,11 @@ def test_fsdp2_and_deepspeed_checkpoints_upcycle(megatron_single_process, tmp_pa
     got = checkpointing.load_checkpoint(tmp_path / "up", 0)["model"]
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], v) for k, v in expected.items() if torch.is_tensor(v))
-    phase = loop.pretrain([*PHASE, "--save", str(tmp_path / "up"), "--run-dir", str(tmp_path / "phase")])
-    assert phase.status == "completed" and all(math.isfinite(v) for v in phase.train_losses.values())
+    phase = [*PHASE, *engine, "--save", str(tmp_path / "up"), "--run-dir", str(tmp_path / "phase")]
+    stopped = loop.pretrain([*phase, "--exit-interval", "2"])
+    resumed = loop.pretrain(phase)
+    assert stopped.status == "exit-interval" and resumed.status == "completed" and list(resumed.train_losses) == [3]
+    assert all(math.isfinite(v) for v in [*stopped.train_losses.values(), *resumed.train_losses.values()])
 
 
 
