@@ -132,6 +132,9 @@ def test_training_continues_from_an_upcycled_checkpoint(megatron_single_process,
     upcycle(saved, tmp_path / "up", "4t4i", iteration=3)
     with pytest.raises(SystemExit, match="holds checkpoints already"):
         upcycle_tool.main(["--load", str(saved), "--save", str(tmp_path / "up"), "--moma-experts", "4t4i"])
+    with pytest.raises(SystemExit, match="--hidden-size: checkpoint 32, now 64"):  # flags the upcycled model lacks
+        loop.pretrain([*TINY, "--moma-experts", "4t4i", "--train-iters", "3", "--save", str(tmp_path / "up"),
+                       "--hidden-size", "64", "--run-dir", str(tmp_path / "wrong")])
     up = loop.pretrain([*TINY, "--moma-experts", "4t4i", "--train-iters", "3", "--save", str(tmp_path / "up"),
                         "--run-dir", str(tmp_path / "phase2")])
     assert up.status == "completed" and list(up.train_losses) == [1, 2, 3]
