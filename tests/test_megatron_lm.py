@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from .conftest import free_port, run_ranks
+from .test_pipeline_parallel import schedule_stand_ins
 
 REPO = Path(__file__).resolve().parents[1]
 THIRDPARTY = REPO.parent / "shared" / "thirdparty"
@@ -226,10 +227,7 @@ def _pipeline_job_rank(rank, world, port, root, script, prefix, vocab_size, work
     sys.argv = ["pretrain_gpt.py", *flags, "--mod-start-layer", "1", "--pipeline-model-parallel-size", str(world)]
     torch.set_num_threads(1)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # PIPELINE_STAND_INS
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    zeros = torch.zeros
-    torch.zeros = lambda *a, device=None, **k: zeros(*a, device="cpu" if str(device).startswith("cuda") else device, **k)
+    schedule_stand_ins()  # the schedule's: current_device, synchronize, zeros(device="cuda")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func

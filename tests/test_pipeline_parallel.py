@@ -30,7 +30,7 @@ STAND_INS = {
 }
 
 
-def _stand_ins():
+def schedule_stand_ins():
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     zeros = torch.zeros
@@ -56,7 +56,7 @@ def micro_batches():
 def _rank(rank, world, port, workdir, recompute, virtual):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    _stand_ins()
+    schedule_stand_ins()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -172,7 +172,7 @@ def _pretrain_rank(rank, world, port, workdir, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    _stand_ins()
+    schedule_stand_ins()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     from megatron.core import parallel_state
 

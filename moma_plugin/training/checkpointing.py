@@ -645,6 +645,24 @@ def find_checkpoint(load, tp_rank, iteration: Optional[int] = None,
         "directories away and resume from another --load, or give a new --save to start afresh")
 
 
+def whole_rank_states(load, iteration: int, tp: int, pp: int = 1) -> Tuple[List[List[Dict[str, Any]]], Path]:
+    """One process reading every model-parallel rank's verified state of iteration ``iteration`` of
+    ``load`` with whole tensors (``full_state``), for the offline tools: ([TP rank][stage] states, the
+    checkpoint's directory). The notes of the first read are printed."""
+    states: List[List[Dict[str, Any]]] = []
+    directory = None
+    for tp_rank in range(tp):
+        states.append([])
+        for stage in range(pp):
+            found = find_checkpoint(load, tp_rank if pp == 1 else (tp_rank, stage), iteration, tp, pp)
+            if tp_rank == stage == 0:
+                for note in found.notes:
+                    print(f"note: {note}", flush=True)
+            directory = found.directory
+            states[-1].append(full_state(found.state, found.directory, tp_rank))
+    return states, directory
+
+
 def load_checkpoint(load, tp_rank: int = 0, iteration: Optional[int] = None) -> Dict[str, Any]:
     """This TP rank's verified state of the checkpoint ``find_checkpoint`` picks."""
     return find_checkpoint(load, tp_rank, iteration).state

@@ -52,19 +52,12 @@ def convert(load, save, iteration: Optional[int] = None) -> Path:
                          "the converted one is written)")
     found_iteration, args = checkpointing.read_checkpoint_args(load, iteration)
     tp, pp = int(args.get("tensor_model_parallel_size", 1)), int(args.get("pipeline_model_parallel_size", 1))
-    states, engine, directory = {}, "ddp", None
-    for tp_rank in range(tp):
-        stages = []
-        for stage in range(pp):
-            found = checkpointing.find_checkpoint(load, tp_rank if pp == 1 else (tp_rank, stage),
-                                                  found_iteration, tp, pp)
-            if tp_rank == stage == 0:
-                for note in found.notes:
-                    print(f"note: {note}", flush=True)
-            directory, engine = found.directory, found.state.get("engine", "ddp")
-            stages.append(checkpointing.full_state(found.state, found.directory, tp_rank))
+    ranks, directory = checkpointing.whole_rank_states(load, found_iteration, tp, pp)
+    engine = ranks[0][0].get("engine", "ddp")
+    states = {}
+    for tp_rank, stages in enumerate(ranks):
         state = stages[0] if pp == 1 else merge_stages(stages, load)
-        states[tp_rank] = dict(state, moma=dict(state["moma"], converted_from=str(found.directory)))
+        states[tp_rank] = dict(state, moma=dict(state["moma"], converted_from=str(directory)))
     manifest = checkpointing.read_manifest(directory) or {}
     summary = {k: v for k, v in manifest.items() if k not in _MANIFEST_ONLY}
     summary["converted_from"] = str(directory)

@@ -20,6 +20,7 @@ from ..expert_parallel import is_expert_parallel
 from ..model import MoMaGPTModel
 from ..specs import get_moma_layer_spec, transformer_engine_available
 from .checkpointing import from_rank0
+from .engines.base import counted
 
 
 @dataclass
@@ -369,7 +370,7 @@ def count_parameters(model, parallel: Parallel) -> int:
     def numel(sharded: bool, expert: bool) -> float:
         return float(sum(p.numel() for p in model.parameters()
                          if getattr(p, "tensor_model_parallel", False) == sharded
-                         and is_expert_parallel(p) == expert and not getattr(p, "shared", False)))
+                         and is_expert_parallel(p) == expert and counted(p)))
 
     sums = torch.tensor([numel(True, False), numel(True, True)], dtype=torch.float64, device=parallel.device)
     torch.distributed.all_reduce(sums, group=parallel.tp_group)

@@ -109,8 +109,8 @@ def upcycle_model_state(model: Dict[str, Any], plan: Dict[str, Optional[str]], t
             aux.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = value
         else:
             out[key] = value
+    hidden = next(iter(ffns.values()))["linear_fc1.weight"].shape[1] if ffns else 0
     for prefix in sorted({prefix for prefix, _ in ffns}, key=_layer_index):
-        hidden = next(iter(ffns.values()))["linear_fc1.weight"].shape[1]
         for group in targets:
             source = plan[group.name]
             if (prefix, source) not in ffns:
@@ -172,19 +172,15 @@ def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_no
     if target_tp < 1:
         raise UsageError(f"--tensor-model-parallel-size must be at least 1, got {target_tp}")
     target_args = dict(args, moma_experts=experts, moma_router_gumbel_noise=True, tensor_model_parallel_size=target_tp)
-    states, directory = {}, None
-    for tp_rank in range(tp):
-        found = checkpointing.find_checkpoint(load, tp_rank, found_iteration, tp)
-        if tp_rank == 0:
-            for note in found.notes:
-                print(f"note: {note}", flush=True)
-        directory = found.directory
-        state = checkpointing.full_state(found.state, found.directory, tp_rank)
-        source = per_expert_state(state["model"], parse_expert_groups(args["moma_experts"], modalities))
+    ranks, directory = checkpointing.whole_rank_states(load, found_iteration, tp)
+    source_groups = parse_expert_groups(args["moma_experts"], modalities)
+    states = {}
+    for tp_rank, (state,) in enumerate(ranks):
+        source = per_expert_state(state["model"], source_groups)
         model = upcycle_model_state(source, plan, targets, args.get("init_method_std", 0.02), router_noise, seed)
         moma = {key: state["moma"][key] for key in ("sampler", "consumed_tokens", "train_seconds", "data_fingerprint")
                 if key in state["moma"]}
-        moma["upcycled"] = {"from": str(found.directory), "iteration": found_iteration,
+        moma["upcycled"] = {"from": str(directory), "iteration": found_iteration,
                             "moma_experts": args["moma_experts"], "router_noise": router_noise}
         states[tp_rank] = {
             "checkpoint_version": checkpointing.CHECKPOINT_VERSION, "iteration": 0, "args": target_args,

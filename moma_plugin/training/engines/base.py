@@ -53,7 +53,7 @@ def total_norm(tensors_kinds: Iterable, parallel) -> float:
         ep_sharded = squares[0::2].clone()
         torch.distributed.all_reduce(ep_sharded, group=parallel.ep_group)
         squares[0::2] = ep_sharded
-    if getattr(parallel, "pp", 1) > 1:
+    if parallel.pp > 1:
         torch.distributed.all_reduce(squares, group=parallel.pp_group)
     return float(squares.sum().sqrt())
 
@@ -71,15 +71,23 @@ def _sum_in_place(tensors: List[torch.Tensor], group, divide_by: float = 1.0):
         tensor.copy_(part.view_as(tensor))
 
 
+def _sum_gradients(params: List[torch.nn.Parameter], group, divide_by: float):
+    """The gradients of ``params`` summed over ``group`` (None: not at all) and divided by
+    ``divide_by``; a parameter without one gets zeros first, so every rank reduces the same tensors
+    whatever its tokens."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if params and (group is not None or divide_by != 1):
+        _sum_in_place([p.grad for p in params], group, divide_by=divide_by)
+
+
 def reduce_expert_gradients(params: List[torch.nn.Parameter], parallel):
     """After the last micro-batch: the gradients of expert-parallel ``params`` (each owner's already
     sums every EP rank's tokens) summed over the expert-data-parallel group and divided by the
     data-parallel size, as the engines average the other gradients."""
-    for p in params:  # the same tensors on every rank, whatever its tokens
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
     group = parallel.expert_dp_group if parallel.dp // parallel.ep > 1 else None
-    _sum_in_place([p.grad for p in params], group, divide_by=parallel.dp)
+    _sum_gradients(params, group, divide_by=parallel.dp)
 
 
 def reduce_pipeline_gradients(model: torch.nn.Module, parallel):
@@ -88,12 +96,8 @@ def reduce_pipeline_gradients(model: torch.nn.Module, parallel):
     first and last stages (each holds a copy: the embedding's and the output layer's use)."""
     from megatron.core import parallel_state
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:  # every rank reduces the same tensors
-            p.grad = torch.zeros_like(p)
-    if parallel.dp > 1:
-        _sum_in_place([p.grad for p in params], parallel.dp_group, divide_by=parallel.dp)
+    _sum_gradients([p for p in model.parameters() if p.requires_grad],
+                   parallel.dp_group if parallel.dp > 1 else None, divide_by=parallel.dp)
     if model.share_embeddings_and_output_weights and (model.pre_process or model.post_process):
         weight = model.shared_embedding_or_output_weight()
         torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
