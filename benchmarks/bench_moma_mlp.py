@@ -44,7 +44,7 @@ warnings.filterwarnings("ignore", message="Apex is not installed.*")
 warnings.filterwarnings("ignore", message="full scope is deprecated.*")
 
 import moma_plugin as mp  # noqa: E402
-import moma_plugin.moma_mlp as moma_mlp_module  # noqa: E402
+import moma_plugin.experts as experts_module  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: E402
@@ -192,9 +192,9 @@ def run_once(case, hidden_SBH, grad_SBH, mode, device):
 @contextlib.contextmanager
 def record_expert_runners(calls):
     """Appends to ``calls`` the name of every expert runner MoMaMLP.compute calls while open (it looks
-    the runners up in moma_plugin.moma_mlp at call time), to check which path each case really takes."""
+    the runners up in moma_plugin.experts at call time), to check which path each case really takes."""
     names = ("run_experts_loop", "run_experts_chunked", "run_experts_grouped", "run_experts_padded")
-    originals = {n: getattr(moma_mlp_module, n) for n in names}
+    originals = {n: getattr(experts_module, n) for n in names}
 
     def wrap(n):
         def runner(*a, **k):
@@ -203,12 +203,12 @@ def record_expert_runners(calls):
         return runner
 
     for n in names:
-        setattr(moma_mlp_module, n, wrap(n))
+        setattr(experts_module, n, wrap(n))
     try:
         yield
     finally:
         for n, f in originals.items():
-            setattr(moma_mlp_module, n, f)
+            setattr(experts_module, n, f)
 
 
 def executed_runners(cases, hidden_SBH):

@@ -37,7 +37,10 @@ from .moma_mlp import MoMaMLP, MoMaMLPSubmodules
 from .specs import (
     get_moma_decoder_block_spec,
     get_moma_layer_spec,
+    get_mot_layer_spec,
+    get_soft_moe_mlp_spec,
     moma_layer_spec,
+    mot_layer_spec,
     transformer_engine_available,
 )
 
@@ -52,7 +55,8 @@ __all__ = [
     "ExpertGroup", "ModalityLayout", "MoMaConfig", "MoMaGPTModel", "MoMaMLP", "MoMaMLPSubmodules",
     "MoMaTransformerBlock", "MoMaTransformerLayer", "MoMaTransformerLayerSubmodules",
     "SDPACoreAttention", "add_moma_args", "build_modality_layout", "collect_routing_metrics",
-    "expert_capacity", "get_moma_decoder_block_spec", "get_moma_layer_spec",
+    "expert_capacity", "get_moma_decoder_block_spec", "get_moma_layer_spec", "get_mot_layer_spec",
+    "get_soft_moe_mlp_spec", "mot_layer_spec",
     "modality_ids_from_tokens", "moma_config_from_args", "moma_layer_spec", "parse_expert_groups",
     "transformer_engine_available",
 ]

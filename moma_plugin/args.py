@@ -55,6 +55,11 @@ def add_moma_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="how experts run: auto (by device and dtype; see benchmarks/README.md), "
                             "loop (expert by expert; the reference), chunked (expert by expert, "
                             "hand-written backward), grouped (torch._grouped_mm) or padded (bmm)")
+    group.add_argument("--mot", default="", metavar="PARTS",
+                       help="Mixture-of-Transformers: untie these parts per modality, comma-separated: "
+                            "ffn, attention (Q/K/V and output projections), norms; or all. With ffn, "
+                            "--moma-experts gives each modality its FFN group: 1t1i (untied FFNs) or 4t1i "
+                            "(a 4-expert text MoE). docs/MOT.md")
     group.add_argument("--mod-interval", type=int, default=0,
                        help="Mixture-of-Depths on every N-th layer from --mod-start-layer (0: off; "
                             "paper: 2)")

@@ -7,7 +7,7 @@ modality whose name starts with it, so ``4t4i2s`` works once ``moma_modalities``
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .expert_parallel import check_expert_parallel
 from .experts import EXECUTIONS
 
+MOT_PARTS = ("ffn", "attention", "norms")
 SHARED_GROUP = "shared"  # name of the one group of an ``Nx`` layout, which serves every modality
 _GROUP_PATTERN = re.compile(r"(\d+)([a-z])")
 
@@ -27,6 +28,9 @@ class ExpertGroup:
     name: str
     num_experts: int
     modalities: Tuple[int, ...]  # modality ids whose tokens this group routes
+    routed: bool = True
+    """False for a Mixture-of-Transformers group of one expert: its modality's untied FFN, which takes
+    every token of the modality with weight 1 (no router, no aux router)."""
 
 
 def parse_expert_groups(spec: str, modalities: Tuple[str, ...]) -> List[ExpertGroup]:
@@ -77,6 +81,20 @@ def parse_expert_groups(spec: str, modalities: Tuple[str, ...]) -> List[ExpertGr
             f"{modalities} needs a group (e.g. '1{missing[0][0]}')."
         )
     return [ExpertGroup(modalities[m], counts[m], (m,)) for m in sorted(counts)]
+
+
+def parse_mot_parts(parts) -> Tuple[str, ...]:
+    """``"ffn,attention"`` / ``"all"`` / ``("ffn",)`` / ``""`` -> the untied parts, in ``MOT_PARTS`` order."""
+    if isinstance(parts, str):
+        parts = [p for p in re.split(r"[,\s]+", parts.strip().lower()) if p]
+    parts = set(parts)
+    if parts & {"all"}:
+        parts = (parts - {"all"}) | set(MOT_PARTS)
+    unknown = sorted(parts - set(MOT_PARTS))
+    if unknown:
+        raise ValueError(f"mot={sorted(parts)}: {unknown} is not a part; untie any of {', '.join(MOT_PARTS)} "
+                         "(comma-separated), or 'all'.")
+    return tuple(p for p in MOT_PARTS if p in parts)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -133,6 +151,18 @@ class MoMaConfig(TransformerConfig):
     moma_aux_threshold: float = 0.5
     """Causal routing: a token goes to an expert / through a MoD layer iff its aux score > this."""
 
+    mot: Tuple[str, ...] = ()
+    """Mixture-of-Transformers (docs/MOT.md): the parts untied per modality, any of 'ffn', 'attention'
+    (Q/K/V and output projections), 'norms'; 'all' for the three. With 'ffn' each modality's group of
+    ``moma_experts`` is its FFN: one expert is a plain untied FFN, several an expert-choice MoE."""
+
+    moma_soft_moe_slots: int = 0
+    """Soft MoE (docs/MOT.md): slots per expert; > 0 makes every expert group a Soft MoE over its
+    modality's tokens of each sequence. Needs ``moma_bidirectional`` (a slot mixes a whole sequence)."""
+
+    moma_bidirectional: bool = False
+    """The stack attends both ways (an encoder): attention without a causal mask. Soft MoE needs it."""
+
     def __post_init__(self):
         if self.ffn_hidden_size is None and self.hidden_size:
             self.ffn_hidden_size = 4 * self.hidden_size
@@ -151,6 +181,7 @@ class MoMaConfig(TransformerConfig):
                 f"moma_modalities={self.moma_modalities} must be a non-empty tuple of distinct names."
             )
         self.moma_expert_groups = parse_expert_groups(self.moma_experts, self.moma_modalities)
+        self._check_mot()
         if ep > 1:
             if self.is_dense:
                 raise ValueError(f"expert_model_parallel_size={ep} with moma_experts='dense': a dense "
@@ -185,6 +216,36 @@ class MoMaConfig(TransformerConfig):
             raise ValueError("multi-token prediction (mtp_num_layers) is not supported with MoMa yet.")
         self._check_vocab_ranges()
         self._check_mod()
+
+    def _check_mot(self):
+        self.mot = parse_mot_parts(self.mot)
+        if "ffn" in self.mot:
+            shared = [g for g in self.moma_expert_groups if len(g.modalities) > 1]
+            if not self.moma_expert_groups or shared:
+                raise ValueError(
+                    f"mot={','.join(self.mot)} unties the FFN per modality, but moma_experts="
+                    f"{self.moma_experts!r} has no group per modality. Give each modality its FFN group: "
+                    f"'1{self.moma_modalities[0][0]}1{self.moma_modalities[-1][0]}'-style, one expert each "
+                    "(plain untied FFNs), or more for an expert-choice MoE in that modality (e.g. '4t1i').")
+            self.moma_expert_groups = [replace(g, routed=g.num_experts > 1) for g in self.moma_expert_groups]
+        slots = self.moma_soft_moe_slots
+        if slots < 0:
+            raise ValueError(f"moma_soft_moe_slots={slots} must be >= 0 (0: expert choice, no Soft MoE).")
+        if not slots:
+            return
+        if not self.moma_bidirectional:
+            raise ValueError(
+                f"moma_soft_moe_slots={slots}: Soft MoE mixes every token of a sequence into each slot, so "
+                "a token's output would depend on later tokens; a causal decoder cannot use it. For an "
+                "encoder (bidirectional) stack set moma_bidirectional=True; for a decoder use expert choice "
+                "(moma_soft_moe_slots=0).")
+        refusals = [(not self.moma_expert_groups, "moma_experts='dense' (Soft MoE needs expert groups)"),
+                    ("ffn" in self.mot, "mot with 'ffn' (a Soft MoE group already is its modality's FFN)"),
+                    (self.mod_interval > 0, "Mixture-of-Depths (mod_interval > 0: it drops whole tokens)"),
+                    (self.expert_model_parallel_size > 1, "expert_model_parallel_size > 1")]
+        for refused, what in refusals:
+            if refused:
+                raise ValueError(f"moma_soft_moe_slots={slots} does not combine with {what}.")
 
     def _check_mod(self):
         if self.mod_interval < 0 or self.mod_start_layer < 0:
@@ -246,3 +307,8 @@ class MoMaConfig(TransformerConfig):
     @property
     def is_dense(self) -> bool:
         return not self.moma_expert_groups
+
+    @property
+    def needs_modality_layout(self) -> bool:
+        """Whether any layer reads the tokens' modalities (experts, MoD, untied MoT parts)."""
+        return not self.is_dense or bool(self.mod_interval) or bool(self.mot)

@@ -245,6 +245,20 @@ def choose_execution(x_AH: Tensor, tokens_per_expert: Sequence[int], experts: St
     return "padded" if even else "loop"
 
 
+def run_experts(execution: str, x_AH: Tensor, tokens_per_expert: Sequence[int],
+                experts: "StackedExperts") -> Tensor:
+    """Every expert on its rows of ``x_AH`` (sorted by expert) with the runner ``execution`` names
+    (``moma_expert_execution``: 'auto' chooses by ``choose_execution``); [A, H] in, [A, H] out."""
+    if execution == "auto":
+        execution = choose_execution(x_AH, tokens_per_expert, experts)
+    if execution == "grouped" and not grouped_mm_supported(x_AH, experts):
+        execution = "padded"
+    # Looked up here at call time, so tests and benchmarks can see which runner ran.
+    runner = {"loop": run_experts_loop, "chunked": run_experts_chunked,
+              "grouped": run_experts_grouped, "padded": run_experts_padded}[execution]
+    return experts.run(runner, x_AH, tokens_per_expert)
+
+
 def grouped_mm_supported(x_AH: Tensor, experts: StackedExperts) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands: float32/bf16 on CPU, bf16 on Hopper or
     newer GPUs, and every row stride a multiple of 16 bytes."""

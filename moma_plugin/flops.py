@@ -13,6 +13,13 @@ core costs ``mod_capacity**2`` of a full layer's per token; its own router adds 
 (without gradients) and 2h per chosen token for the gates (``mod_capacity`` of the tokens). Auxiliary
 routers are counted only when they are trained alongside (``aux_routers=True``); at inference they
 replace nothing that is counted here but add their ``2h * h/2 + 2 * h/2 * experts`` per token.
+
+Mixture-of-Transformers costs what the dense model costs: each token goes through its own modality's
+projections, norms and FFN, of the dense sizes (an unrouted group: one pass, no router). A Soft MoE
+group (``moma_soft_moe_slots`` = p) runs each of its n experts on p slots per sequence: ``n * p / s``
+expert passes per token of the sequence, plus the slot logits (2h * n*p), the dispatch into
+slots and the combine out of them (2h * n*p each), which run over every token with the other
+modalities' masked out.
 """
 
 from typing import Dict, Optional, Sequence
@@ -48,9 +55,18 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
         router = expert_passes = 0.0
         for group in config.moma_expert_groups:
             share = sum(shares[m] for m in group.modalities)
+            if not group.routed:  # a MoT modality's untied FFN: every token of it, once, no router
+                expert_passes += share
+                continue
             router += 2 * h * group.num_experts
             expert_passes += share * min(config.moma_capacity_factor, group.num_experts)
             aux += share * (2 * h * aux_hidden + 2 * aux_hidden * group.num_experts)
+    if config.moma_soft_moe_slots:
+        router = expert_passes = 0.0
+        for group in config.moma_expert_groups:
+            slots = group.num_experts * config.moma_soft_moe_slots
+            router += 3 * 2 * h * slots  # slot logits, dispatch, combine, over every token (masked)
+            expert_passes += slots / seq_length  # slots per sequence over all tokens of the sequence
     per_layer = {
         "attention_projections": 2 * h * (q_dim + 2 * kv_dim) + 2 * q_dim * h,
         "attention_core": 2 * 2 * seq_length * q_dim,

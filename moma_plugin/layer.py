@@ -38,7 +38,7 @@ from torch import Tensor
 from .attention import KVCache, SDPACoreAttention
 from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import MoMaConfig
-from .layout import ModalityLayout, count_ids, is_new_forward, narrow_layout
+from .layout import LayoutUser, ModalityLayout, count_ids, is_new_forward, narrow_layout
 from .megatron_compat import forward_attention, forward_mlp
 from .moma_mlp import GroupRouter, MoMaMLP, sequence_parallel_group
 from .routing import sigmoid_scores
@@ -101,6 +101,18 @@ def _split_sequence(sublayer, x_SBH: Tensor, tp_group) -> Tensor:
     return out[:rows]
 
 
+def _packed_layout(layout: ModalityLayout, modality_K: Tensor, packed_index_K: Tensor, rows: int,
+                   selected_per_modality) -> ModalityLayout:
+    """The layout of a packed MoD sequence of ``rows`` tokens: the selected tokens (modalities
+    ``modality_K``) at ``packed_index_K``, padding (counted as modality 0, never attended to by a real
+    token) elsewhere. Its counts come from the host read the layer already made: no sync."""
+    modality_P = modality_K.new_zeros(rows).index_copy(0, packed_index_K, modality_K)
+    counts = list(selected_per_modality)
+    counts[0] += rows - modality_K.numel()
+    return ModalityLayout(modality_P, torch.sort(modality_P, stable=True).indices, tuple(counts),
+                          forward_id=layout.forward_id)
+
+
 class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
     """A transformer layer whose forward also takes ``modality_layout`` (a ``ModalityLayout``).
 
@@ -132,19 +144,28 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
 
             submodules = get_moma_layer_submodules(config)
         mlp_spec = submodules.mlp
-        builds_moma_mlp = isinstance(mlp_spec, ModuleSpec) and issubclass(mlp_spec.module, MoMaMLP)
+        builds_moma_mlp = isinstance(mlp_spec, ModuleSpec) and issubclass(mlp_spec.module, LayoutUser)
         if builds_moma_mlp:
             # Built below with the TP group: Megatron's layer only knows how to pass it to its own MLPs.
             submodules = replace(submodules, mlp=IdentityOp)
         super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection, vp_stage)
         if builds_moma_mlp:
             self.mlp = build_module(mlp_spec, config=self.config, tp_group=self.pg_collection.tp)
-            self.mlp.set_layer_number(self.layer_number)
-            # Selective MLP recompute would rerun the MLP in backward, outside the routing scope
-            # that forward opens; full-layer recompute (recompute_granularity='full') covers it.
-            self.recompute_mlp = False
+            if hasattr(self.mlp, "set_layer_number"):
+                self.mlp.set_layer_number(self.layer_number)
         if isinstance(submodules, MoMaTransformerLayerSubmodules):
             self._build_post_norms(submodules)
+        # The modules that read the modality layout, on each side of the layer (a MoD layer hands the
+        # attention side its packed sequence's layout and the MLP side the selected tokens').
+        self._attention_side = self._layout_users("input_layernorm", "self_attention",
+                                                  "post_self_attn_layernorm")
+        self._mlp_side = self._layout_users("pre_mlp_layernorm", "mlp", "post_mlp_layernorm")
+        # Selective recompute of the MLP or of a norm would rerun it in backward, outside the layout
+        # scope that forward opens; full-layer recompute (recompute_granularity='full') covers them.
+        if self._mlp_side:
+            self.recompute_mlp = self.recompute_pre_mlp_layernorm = False
+        if self._attention_side:
+            self.recompute_input_layernorm = False
         self._init_aux_state(config.moma_aux_threshold)
         self.is_mod = config.is_mod_layer(self.layer_number - 1)
         if self.is_mod:
@@ -165,6 +186,20 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             setattr(self, name, norm)
             setattr(self, bda, _norm_before_residual(getattr(self, bda), norm))
 
+    def _layout_users(self, *names):
+        return [module for name in names if isinstance(getattr(self, name, None), torch.nn.Module)
+                for module in getattr(self, name).modules() if isinstance(module, LayoutUser)]
+
+    @contextlib.contextmanager
+    def _layout_scope(self, users, layout: Optional[ModalityLayout]):
+        """Hands ``layout`` to ``users`` for one call, with this TP rank's chunk under SP."""
+        tp_group = self._sequence_parallel_group()
+        chunk = (tp_group.rank(), tp_group.size()) if tp_group is not None else None
+        with contextlib.ExitStack() as stack:
+            for user in users:
+                stack.enter_context(user.use_layout(layout, chunk))
+            yield
+
     @property
     def has_moma_mlp(self) -> bool:
         return isinstance(self.mlp, MoMaMLP)
@@ -175,9 +210,7 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
     def forward(self, *args, modality_layout: Optional[ModalityLayout] = None, **kwargs):
         if self.is_mod:
             return self._forward_mod(*args, modality_layout=modality_layout, **kwargs)
-        scope = (self.mlp.routing_layout(modality_layout) if self.has_moma_mlp
-                 else contextlib.nullcontext())
-        with scope:
+        with self._layout_scope(self._attention_side + self._mlp_side, modality_layout):
             return super().forward(*args, **kwargs)
 
     # -- Mixture-of-Depths ------------------------------------------------------------------------
@@ -280,15 +313,20 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
                 0, packed_index_K, positions_K)
             rotary = rotary_pos_emb.index_select(0, packed_positions_P).reshape(
                 packed_len, batch, *rotary_pos_emb.shape[2:])
-        with self._kv_cache_scope(kv_cache, counts_B):
+        packed_layout = None
+        if self._attention_side and layout is not None:
+            packed_layout = _packed_layout(layout, modality_T.index_select(0, selected_K), packed_index_K,
+                                           packed_len * batch, selected_per_modality)
+        with self._kv_cache_scope(kv_cache, counts_B), \
+                self._layout_scope(self._attention_side, packed_layout):
             attended = _split_sequence(
                 lambda x: forward_attention(self, x, rotary_pos_emb=rotary),
                 packed_PH.view(packed_len, batch, hidden), tp_group)
         y_K1H = attended.reshape(-1, hidden).index_select(0, packed_index_K).unsqueeze(1)
-        scope = contextlib.nullcontext()
-        if self.has_moma_mlp:
-            scope = self.mlp.routing_layout(narrow_layout(layout, selected_K, selected_per_modality))
-        with scope:
+        narrowed = None
+        if self._mlp_side and layout is not None:
+            narrowed = narrow_layout(layout, selected_K, selected_per_modality)
+        with self._layout_scope(self._mlp_side, narrowed):
             out_K1H = _split_sequence(partial(forward_mlp, self), y_K1H, tp_group)
         out_KH = out_K1H.reshape(num_selected, hidden)
         if not self.is_mod:

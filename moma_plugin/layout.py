@@ -8,6 +8,7 @@ Tokens are numbered in the order of Megatron's hidden states flattened from [s, 
 token t = position * batch + sample.
 """
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
@@ -53,6 +54,48 @@ class ModalityLayout:
 
     def token_count(self, modalities: Sequence[int]) -> int:
         return sum(self.counts[m] for m in modalities)
+
+
+class LayoutUser:
+    """A module that reads the modality layout of the current forward (MoMa and Soft MoE MLPs,
+    Mixture-of-Transformers projections and norms). Its layer opens ``use_layout`` around each call.
+
+    ``sequence_chunk`` is (rank, ranks) when the module's input is one TP rank's chunk of the sequence
+    (sequence parallelism), else None: the layout then describes the whole (gathered) sequence."""
+
+    layout: Optional["ModalityLayout"] = None
+    sequence_chunk: Optional[Tuple[int, int]] = None
+
+    @contextlib.contextmanager
+    def use_layout(self, layout: Optional["ModalityLayout"], sequence_chunk: Optional[Tuple[int, int]] = None):
+        self.layout, self.sequence_chunk = layout, sequence_chunk
+        try:
+            yield
+        finally:
+            self.layout, self.sequence_chunk = None, None
+
+    def require_layout(self) -> "ModalityLayout":
+        if self.layout is None:
+            raise RuntimeError(
+                f"{type(self).__name__} received no modality layout. Build the model with "
+                "moma_plugin.MoMaGPTModel (it passes the layout to every MoMaTransformerLayer), or call "
+                "the layer with modality_layout=moma_plugin.build_modality_layout(modality_ids_SB, "
+                "num_modalities).")
+        return self.layout
+
+
+def local_modality_ids(layout: "ModalityLayout", rows: int, sequence_chunk: Optional[Tuple[int, int]]) -> Tensor:
+    """[rows] modality ids of the tokens a module holds: all of the layout's, or under sequence
+    parallelism this rank's chunk of them (the layout's [s, b] tokens padded with id 0 to a multiple of
+    the ranks, as the layers pad their sequences)."""
+    ids_T = layout.modality_ids_T
+    if sequence_chunk is None:
+        return ids_T
+    rank, ranks = sequence_chunk
+    pad = rows * ranks - ids_T.numel()
+    if pad:
+        ids_T = torch.cat([ids_T, ids_T.new_zeros(pad)])
+    return ids_T[rank * rows:(rank + 1) * rows]
 
 
 def is_new_forward(forward_id: Optional[int], newest_recorded: Optional[int]) -> bool:

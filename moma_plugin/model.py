@@ -55,7 +55,7 @@ class MoMaGPTModel(GPTModel):
         self, input_ids: Optional[Tensor], modality_ids: Optional[Tensor]
     ) -> Optional[ModalityLayout]:
         """The layout of a [b, s] micro-batch, tokens in the [s, b] order of the hidden states."""
-        if self.config.is_dense and not self.config.mod_interval:
+        if not self.config.needs_modality_layout:
             return None
         if modality_ids is None:
             if self.config.moma_vocab_ranges is None or input_ids is None:

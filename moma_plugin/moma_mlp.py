@@ -9,7 +9,6 @@ Forward, in named stages:
   4. combine: weight each output by its sigmoid score and add it back at its token's position.
 """
 
-import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -24,17 +23,8 @@ from torch import Tensor
 
 from .aux_router import AuxRouter, AuxRouterOwner, PendingAuxLoss, logit
 from .config import ExpertGroup, MoMaConfig, expert_capacity
-from .experts import (
-    StackedExperts,
-    choose_execution,
-    expert_of_each_row,
-    grouped_mm_supported,
-    run_experts_chunked,
-    run_experts_grouped,
-    run_experts_loop,
-    run_experts_padded,
-)
-from .layout import ModalityLayout, is_new_forward
+from .experts import StackedExperts, expert_of_each_row, run_experts
+from .layout import LayoutUser, ModalityLayout, is_new_forward
 from .routing import balanced_choice, expert_choice, linear_fp32, sigmoid_scores, threshold_choice
 
 
@@ -73,6 +63,19 @@ def sequence_parallel_group(config, tp_group):
     return None
 
 
+def over_whole_sequence(mlp, hidden_states: Tensor) -> Tensor:
+    """``mlp._forward_tokens`` on the whole sequence: under sequence parallelism the TP ranks' chunks
+    are gathered first (padded to a multiple of tp) and each rank keeps its chunk of the output."""
+    tp_group = sequence_parallel_group(mlp.config, mlp.tp_group)
+    if tp_group is None:
+        return mlp._forward_tokens(hidden_states)
+    # Backward: the gradient of the gathered input is whole on every rank: each keeps its chunk.
+    full = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
+                                                group=tp_group)
+    out = mlp._forward_tokens(full, multiple_of=tp_group.size())
+    return scatter_to_sequence_parallel_region(out, group=tp_group)
+
+
 @dataclass
 class RoutingPlan:
     """Which token each expert slot holds, over all groups, sorted by expert."""
@@ -82,8 +85,11 @@ class RoutingPlan:
     tokens_per_expert: List[int]  # host ints, one per expert of the layer (groups in order)
 
 
-class MoMaMLP(MegatronModule, AuxRouterOwner):
+class MoMaMLP(MegatronModule, AuxRouterOwner, LayoutUser):
     """Replaces the dense MLP: modality groups of SwiGLU experts with expert-choice routing.
+
+    A group that is not ``routed`` (Mixture-of-Transformers: a modality's one untied FFN) has no
+    router: its expert takes every token of its modality with weight 1.
 
     Parameters: ``router.<group>.weight``, ``aux_router.<group>.fc{1,2}``, and the experts of all groups
     stacked in ``experts.fc{1,2}_weight`` (``experts.fc{1,2}_bias`` with biases). Checkpoints hold one
@@ -106,12 +112,9 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
     ):
         super().__init__(config=config)
         self.groups: List[ExpertGroup] = list(config.moma_expert_groups)
-        self.router = torch.nn.ModuleDict(
-            {g.name: GroupRouter(config, g.num_experts) for g in self.groups}
-        )
-        self.aux_router = torch.nn.ModuleDict(
-            {g.name: AuxRouter(config, g.num_experts) for g in self.groups}
-        )
+        routed = [g for g in self.groups if g.routed]
+        self.router = torch.nn.ModuleDict({g.name: GroupRouter(config, g.num_experts) for g in routed})
+        self.aux_router = torch.nn.ModuleDict({g.name: AuxRouter(config, g.num_experts) for g in routed})
         self._init_aux_state(config.moma_aux_threshold)
         experts = submodules.experts if submodules is not None else StackedExperts
         if not isinstance(experts, ModuleSpec):
@@ -128,23 +131,17 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
             persistent=False,
         )
         self.layer_number: Optional[int] = None
-        self._layout: Optional[ModalityLayout] = None
         self._recorded_forward_id: Optional[int] = None
 
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
 
-    @contextlib.contextmanager
     def routing_layout(self, layout: Optional[ModalityLayout]):
-        """Scope in which ``forward`` routes with ``layout``; the owning layer opens it per call."""
-        self._layout = layout
-        try:
-            yield
-        finally:
-            self._layout = None
+        """Scope in which ``forward`` routes with ``layout`` (``use_layout``)."""
+        return self.use_layout(layout)
 
     def aux_routers(self):
-        return [("experts", self.aux_router[g.name]) for g in self.groups]
+        return [("experts", self.aux_router[g.name]) for g in self.groups if g.routed]
 
     def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **kwargs):
         """hidden_states [s, b, H] -> (output [s, b, H], None).
@@ -155,23 +152,10 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         The gathered sequence holds the layout's tokens padded to a multiple of tp (a
         Mixture-of-Depths layer pads its selected tokens so): the padding rows are not routed and
         come out as zeros."""
-        tp_group = sequence_parallel_group(self.config, self.tp_group)
-        if tp_group is None:
-            return self._forward_tokens(hidden_states), None
-        # Backward: the gradient of the gathered input is whole on every rank: each keeps its chunk.
-        full = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
-                                                    group=tp_group)
-        out = self._forward_tokens(full, multiple_of=tp_group.size())
-        return scatter_to_sequence_parallel_region(out, group=tp_group), None
+        return over_whole_sequence(self, hidden_states), None
 
     def _forward_tokens(self, hidden_states: Tensor, multiple_of: int = 1) -> Tensor:
-        layout = self._layout
-        if layout is None:
-            raise RuntimeError(
-                "MoMaMLP received no modality layout. Build the model with moma_plugin.MoMaGPTModel "
-                "(it passes the layout to every MoMaTransformerLayer), or call the layer with "
-                "modality_layout=moma_plugin.build_modality_layout(modality_ids_SB, num_modalities)."
-            )
+        layout = self.require_layout()
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         if x_TH.shape[0] != -(-layout.num_tokens // multiple_of) * multiple_of:
             raise ValueError(
@@ -200,6 +184,10 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         token_indices, gates, tokens_per_expert, first = [], [], [], 0
         for group in self.groups:
             group_tokens_G = layout.token_indices(group.modalities)
+            if not group.routed:
+                self._take_all(group_tokens_G, layout.token_count(group.modalities),
+                               token_indices, gates, tokens_per_expert)
+                continue
             capacity = expert_capacity(
                 layout.token_count(group.modalities), group.num_experts,
                 self.config.moma_capacity_factor,
@@ -219,10 +207,19 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
                     layout.modality_ids_T[group_tokens_G], self.aux_threshold))
         return RoutingPlan(torch.cat(token_indices), torch.cat(gates), tokens_per_expert)
 
+    @staticmethod
+    def _take_all(group_tokens_G: Tensor, count: int, token_indices, gates, tokens_per_expert):
+        """An unrouted group's one expert takes all its tokens with gate 1."""
+        token_indices.append(group_tokens_G)
+        gates.append(torch.ones(count, dtype=torch.float32, device=group_tokens_G.device))
+        tokens_per_expert.append(count)
+
     def router_logits(self, x_TH: Tensor) -> Tensor:
-        """[T, E] logits of every group's router for every token, in one matmul (a group then reads
-        its own tokens' rows and its experts' columns)."""
-        weight_EH = torch.cat([self.router[g.name].weight for g in self.groups])
+        """[T, E] logits of every routed group's router for every token, in one matmul (a group then
+        reads its own tokens' rows and its experts' columns)."""
+        if not self.router:
+            return x_TH.new_zeros(x_TH.shape[0], 0, dtype=torch.float32)
+        weight_EH = torch.cat([self.router[g.name].weight for g in self.groups if g.routed])
         if self.config.moma_router_fp32:
             return linear_fp32(x_TH, weight_EH)
         return torch.nn.functional.linear(x_TH, weight_EH)
@@ -234,6 +231,11 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
         token_indices, gates, loads = [], [], []
         for group in self.groups:
             group_tokens_G = layout.token_indices(group.modalities)
+            if not group.routed:
+                count = layout.token_count(group.modalities)
+                self._take_all(group_tokens_G, count, token_indices, gates, [])
+                loads.append(torch.tensor([count], device=x_TH.device))
+                continue
             x_GH = x_TH[group_tokens_G]
             scores_GE = sigmoid_scores(self.router[group.name](x_GH))
             chosen_GE = self.aux_router[group.name](x_GH) > cutoff
@@ -245,15 +247,7 @@ class MoMaMLP(MegatronModule, AuxRouterOwner):
 
     def compute(self, x_AH: Tensor, tokens_per_expert: List[int]) -> Tensor:
         """Stage 3: every expert on its tokens; [A, H] in, [A, H] out, same order."""
-        execution = self.config.moma_expert_execution
-        if execution == "auto":
-            execution = choose_execution(x_AH, tokens_per_expert, self.experts)
-        if execution == "grouped" and not grouped_mm_supported(x_AH, self.experts):
-            execution = "padded"
-        # Looked up here at call time, so tests and benchmarks can see which runner ran.
-        runner = {"loop": run_experts_loop, "chunked": run_experts_chunked,
-                  "grouped": run_experts_grouped, "padded": run_experts_padded}[execution]
-        return self.experts.run(runner, x_AH, tokens_per_expert)
+        return run_experts(self.config.moma_expert_execution, x_AH, tokens_per_expert, self.experts)
 
     @torch.no_grad()
     def _record_metrics(self, layout: ModalityLayout, plan: RoutingPlan):

@@ -26,6 +26,8 @@ from .config import MoMaConfig
 from .experts import StackedExperts
 from .layer import MoMaTransformerLayer, MoMaTransformerLayerSubmodules
 from .moma_mlp import MoMaMLP, MoMaMLPSubmodules
+from .mot import ModalityColumnLinear, ModalityNorm, ModalityRowLinear
+from .soft_moe import SoftMoEMLP
 
 TE_INSTALL_HINT = (
     "Transformer Engine is not installed. Install it with `pip install moma_plugin[te]` on a CUDA "
@@ -93,28 +95,36 @@ def _backend(use_te: Optional[bool]):
 def get_moma_layer_submodules(config: MoMaConfig, use_te: Optional[bool] = None):
     """The submodules of one MoMa transformer layer (see ``get_moma_layer_spec``)."""
     backend = _backend(use_te)
-    norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False)
+    untied = set(config.mot)
+    norm = (ModalityNorm if "norms" in untied
+            else backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False))
     # Transformer Engine fuses the pre-norm into the next linear; the MoMa router must see the
-    # normalised input itself, so the MoMa MLP keeps a separate norm.
-    fuse_attention_norm = backend.fuse_layernorm_and_linear() and not config.moma_post_norm
-    linear_qkv = (backend.column_parallel_layer_norm_linear() if fuse_attention_norm
+    # normalised input itself, so the MoMa MLP keeps a separate norm. Untied (MoT) parts are not fused.
+    fuse_attention_norm = (backend.fuse_layernorm_and_linear() and not config.moma_post_norm
+                           and not untied & {"norms", "attention"})
+    linear_qkv = (ModalityColumnLinear if "attention" in untied
+                  else backend.column_parallel_layer_norm_linear() if fuse_attention_norm
                   else backend.column_parallel_linear())
+    linear_proj = ModalityRowLinear if "attention" in untied else backend.row_parallel_linear()
     if config.is_dense:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
             linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()))
+    elif config.moma_soft_moe_slots:
+        mlp = get_soft_moe_mlp_spec(config)
     else:
         # The experts' stacked weights run through moma_plugin.experts on either backend.
         mlp = ModuleSpec(module=MoMaMLP, submodules=MoMaMLPSubmodules(experts=StackedExperts))
     post = config.moma_post_norm
+    mask = AttnMaskType.no_mask if config.moma_bidirectional else AttnMaskType.causal
     return MoMaTransformerLayerSubmodules(
         input_layernorm=IdentityOp if (post or fuse_attention_norm) else norm,
         self_attention=ModuleSpec(
             module=SelfAttention,
-            params={"attn_mask_type": AttnMaskType.causal},
+            params={"attn_mask_type": mask},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=linear_qkv,
                 core_attention=backend.core_attention(),
-                linear_proj=backend.row_parallel_linear(),
+                linear_proj=linear_proj,
                 q_layernorm=IdentityOp,
                 k_layernorm=IdentityOp,
             ),
@@ -141,6 +151,24 @@ def get_moma_layer_spec(config: MoMaConfig, use_te: Optional[bool] = None) -> Mo
     )
 
 
+def get_mot_layer_spec(config: MoMaConfig, use_te: Optional[bool] = None) -> ModuleSpec:
+    """Spec of one Mixture-of-Transformers layer: the parts ``config.mot`` names ('ffn', 'attention',
+    'norms') untied per modality around one global attention (docs/MOT.md). The same layer class as
+    ``get_moma_layer_spec``; a config without ``mot`` is refused here, since it would build a MoMa layer."""
+    if not config.mot:
+        raise ValueError("get_mot_layer_spec needs config.mot: the parts to untie per modality, e.g. "
+                         "MoMaConfig(mot='all', moma_experts='1t1i', ...) or mot='ffn,attention'.")
+    return get_moma_layer_spec(config, use_te)
+
+
+def get_soft_moe_mlp_spec(config: MoMaConfig) -> ModuleSpec:
+    """Spec of a Soft MoE MLP (``moma_plugin.soft_moe``) over ``config``'s expert groups, for a
+    bidirectional stack (``config.moma_bidirectional``; the config refuses Soft MoE without it)."""
+    if not config.moma_soft_moe_slots:
+        raise ValueError("get_soft_moe_mlp_spec needs config.moma_soft_moe_slots > 0 (slots per expert).")
+    return ModuleSpec(module=SoftMoEMLP, submodules=MoMaMLPSubmodules(experts=StackedExperts))
+
+
 def get_moma_decoder_block_spec(
     config: MoMaConfig, use_te: Optional[bool] = None, vp_stage: Optional[int] = None
 ) -> TransformerBlockSubmodules:
@@ -153,5 +181,7 @@ def get_moma_decoder_block_spec(
 
 
 # For Megatron-LM's `--spec moma_plugin moma_layer_spec`: a module-level object (Megatron-LM looks it up
-# with vars() and does not call it). Submodules are chosen from the config when each layer is built.
+# with vars() and does not call it). Submodules are chosen from the config when each layer is built, so
+# `--spec moma_plugin mot_layer_spec` is the same layer: `--mot` decides what is untied.
 moma_layer_spec = ModuleSpec(module=MoMaTransformerLayer)
+mot_layer_spec = ModuleSpec(module=MoMaTransformerLayer)

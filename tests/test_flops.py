@@ -42,20 +42,45 @@ def executed_flops(model, tokens, modality_ids):
 )
 @pytest.mark.parametrize("execution", ["loop", "grouped"])
 def test_config_flops_equal_counted_matmuls(experts, modalities, text_tokens, execution):
-    batch, seq, vocab = 2, 32, 64
     config = tiny_config(moma_experts=experts, moma_modalities=modalities,
                          moma_expert_execution=execution)
+    _check_counted(config, 2, text_tokens)
+
+
+def _check_counted(config, batch, text_tokens, seq=32, vocab=64):
+    """The config's FLOPs per token times the tokens equal the matmuls a forward executes, on a
+    micro-batch with ``text_tokens`` text tokens (modality counts divisible by every group's expert
+    count, so capacity is exact), 8 speech tokens with three modalities, the rest image."""
     model = tiny_model(config, vocab_size=vocab, seq_length=seq)
-    # Modality counts divisible by every group's expert count, so capacity is exact.
     ids = torch.ones(batch * seq, dtype=torch.long)
     ids[:text_tokens] = 0
-    if len(modalities) == 3:
+    if config.num_modalities == 3:
         ids[-8:] = 2
     ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))]
-    shares = torch.bincount(ids, minlength=len(modalities)).double() / ids.numel()
+    shares = torch.bincount(ids, minlength=config.num_modalities).double() / ids.numel()
     tokens = torch.randint(0, vocab, (batch, seq))
     expected = forward_flops_per_token(config, seq, vocab, shares.tolist())["total"] * batch * seq
     assert executed_flops(model, tokens, ids.view(batch, seq)) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("experts, modalities, text_tokens, extra", [
+    ("1t1i", ("text", "image"), 32, dict(mot="all")),
+    ("4t1i", ("text", "image"), 40, dict(mot="all")),
+    ("1t1i1s", ("text", "image", "speech"), 32, dict(mot="ffn,attention", mod_interval=2)),
+    ("2t2i", ("text", "image"), 24, dict(moma_soft_moe_slots=2, moma_bidirectional=True)),
+])
+def test_mot_and_soft_moe_flops_equal_counted_matmuls(experts, modalities, text_tokens, extra):
+    """(One sample with MoD layers: the packed sequence is then exactly k_d tokens long.)"""
+    batch = 1 if extra.get("mod_interval") else 2
+    config = tiny_config(moma_experts=experts, moma_modalities=modalities, moma_expert_execution="loop",
+                         num_layers=4, **extra)
+    _check_counted(config, batch, text_tokens * batch // 2)
+
+
+def test_mot_costs_what_dense_costs():
+    dense = forward_flops_per_token(tiny_config(moma_experts="dense"), 4096, 65536)
+    for experts, mot in (("1t1i", "all"), ("1t1i", "ffn"), ("dense", "attention,norms")):
+        assert forward_flops_per_token(tiny_config(moma_experts=experts, mot=mot), 4096, 65536) == dense
 
 
 def test_flops_matched_moma_equals_dense_ffn():

@@ -7,6 +7,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
+import moma_plugin.experts as experts_module
 import moma_plugin.moma_mlp as moma_mlp_module
 from moma_plugin.config import expert_capacity
 from moma_plugin.experts import (
@@ -123,8 +124,8 @@ def test_auto_on_cpu_runs_chunked_unless_experts_get_few_tokens(seq, expected, m
     CHUNKED_MIN_TOKENS_PER_EXPERT tokens per expert (24 x 3 tokens: 9 per expert; 400 x 3: 150)."""
     calls = []
     for name in ("run_experts_chunked", "run_experts_grouped"):
-        original = getattr(moma_mlp_module, name)
-        monkeypatch.setattr(moma_mlp_module, name, lambda *a, n=name, f=original: calls.append(n) or f(*a))
+        original = getattr(experts_module, name)
+        monkeypatch.setattr(experts_module, name, lambda *a, n=name, f=original: calls.append(n) or f(*a))
     mlp = moma_mlp(tiny_config(moma_experts="4t4i"))
     assert mlp.config.moma_expert_execution == "auto"
     run_mlp(mlp, *_inputs(s=seq)[:2])

@@ -19,7 +19,7 @@ import torch
 
 import moma_plugin as mp
 from moma_plugin import layer as layer_module
-from moma_plugin import moma_mlp as moma_mlp_module
+from moma_plugin import experts as experts_module
 from moma_plugin.experts import tp_shard
 
 from .conftest import free_port, run_ranks
@@ -55,6 +55,13 @@ VARIANTS = {
     "sp-mod": (dict(_BASE, moma_experts="2t2i", moma_expert_execution="loop", sequence_parallel=True,
                     mod_interval=2, mod_start_layer=1, mod_capacity=0.4, moma_post_norm=True,
                     add_bias_linear=True), "loop"),
+    # Mixture-of-Transformers: projections and norms per modality (stacked [M, ...] weights), an
+    # untied image FFN beside a 2-expert text MoE; under SP with a MoD layer, post-norms and biases.
+    "mot": (dict(_BASE, moma_experts="2t1i", mot="all", add_bias_linear=True,
+                 moma_expert_execution="loop"), "loop"),
+    "sp-mot-mod": (dict(_BASE, moma_experts="2t1i", mot="all", moma_expert_execution="loop",
+                        sequence_parallel=True, mod_interval=2, mod_start_layer=1, mod_capacity=0.4,
+                        moma_post_norm=True, add_bias_linear=True), "loop"),
 }
 
 
@@ -78,7 +85,21 @@ EXPECTED_SPLITS = [
 CHECKPOINT_SPLITS = EXPECTED_SPLITS[:4] + [
     (r".*\.mlp\.experts\.\w+\.\d+\.linear_fc1\.(weight|bias)", 0, 2),
     (r".*\.mlp\.experts\.\w+\.\d+\.linear_fc2\.weight", 1, 1),
+    # MoT: one tensor per modality, split as the tied projection is.
+    (r".*\.self_attention\.linear_qkv\.[a-z]+\.(weight|bias)", 0, 1),
+    (r".*\.self_attention\.linear_proj\.[a-z]+\.weight", 1, 1),
 ]
+
+
+# MoT's stacked per-modality projections: [M, out, in], split along out (QKV) or in (output projection).
+MOT_SPLITS = [
+    (r".*\.self_attention\.linear_qkv\.(weight|bias)", 1, 1),
+    (r".*\.self_attention\.linear_proj\.weight", 2, 1),
+]
+
+
+def expected_splits(variant: str):
+    return MOT_SPLITS + EXPECTED_SPLITS if "mot" in variant else EXPECTED_SPLITS
 
 
 def split_of(name: str, splits=EXPECTED_SPLITS):
@@ -114,17 +135,17 @@ def shard(full: torch.Tensor, param: torch.nn.Parameter, rank: int, world: int) 
 
 @contextlib.contextmanager
 def expert_paths():
-    """Counts which expert implementation MoMaMLP.compute calls."""
+    """Counts which expert implementation ``experts.run_experts`` calls."""
     calls = Counter()
 
     def counting(name):
-        original = getattr(moma_mlp_module, name)
+        original = getattr(experts_module, name)
 
         def wrapper(*args, **kwargs):
             calls[name.replace("run_experts_", "")] += 1
             return original(*args, **kwargs)
 
-        return mock.patch.object(moma_mlp_module, name, wrapper)
+        return mock.patch.object(experts_module, name, wrapper)
 
     with contextlib.ExitStack() as stack:
         for name in ("run_experts_loop", "run_experts_chunked", "run_experts_grouped",
@@ -317,7 +338,7 @@ def test_tp2_matches_tp1(tp_results, variant):
         assert result["calls"] == {path: 2 * num_layers}, (where, result["calls"])
         # The model really is split: experts, attention and vocab over TP ranks, routers replicated.
         for name in params:
-            assert result["splits"].get(name) == split_of(name), (where, name)
+            assert result["splits"].get(name) == split_of(name, expected_splits(variant)), (where, name)
         assert result["local_vocab"] == VOCAB // TP
 
         torch.testing.assert_close(result["logits"], reference["logits"], rtol=1e-5, atol=1e-5,

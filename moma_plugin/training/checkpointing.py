@@ -59,12 +59,12 @@ ARCHITECTURE_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "moma_experts", "moma_modalities", "normalization", "disable_bias_linear",
     "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "moma_post_norm",
-    "mod_interval", "mod_start_layer", "pipeline_model_parallel_size",
+    "mod_interval", "mod_start_layer", "pipeline_model_parallel_size", "mot",
 )
 # Arguments that must match for the data position (the sampler's state) to mean the same samples.
 DATA_ARGS = ("seq_length", "max_position_embeddings", "data_path", "valid_fraction", "seed")
 # Defaults of architecture arguments added after a checkpoint was written (older checkpoints lack them).
-ARCHITECTURE_DEFAULTS = {"mod_interval": 0, "mod_start_layer": 0, "pipeline_model_parallel_size": 1}
+ARCHITECTURE_DEFAULTS = {"mod_interval": 0, "mod_start_layer": 0, "pipeline_model_parallel_size": 1, "mot": ""}
 
 
 class CheckpointError(UsageError):
@@ -727,7 +727,7 @@ def check_compatible(saved_args: Dict[str, Any], args) -> None:
         out = []
         for name in names:
             saved = saved_args.get(name, ARCHITECTURE_DEFAULTS.get(name))
-            if _normalize(saved) != _normalize(getattr(args, name, None)):
+            if _normalize(saved, name) != _normalize(getattr(args, name, None), name):
                 out.append(f"{_flag(name)}: checkpoint {saved!r}, now {getattr(args, name, None)!r}")
         return out
 
@@ -742,7 +742,11 @@ def check_compatible(saved_args: Dict[str, Any], args) -> None:
                               "directory):\n  " + "\n  ".join(data))
 
 
-def _normalize(value):
+def _normalize(value, name: str = ""):
+    if name == "mot":  # 'all' and 'ffn,attention,norms' are the same model
+        from ..config import parse_mot_parts
+
+        return list(parse_mot_parts(value or ""))
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -3,7 +3,8 @@ into whole tensors, ``split`` cuts whole tensors into the shards of a TP size, t
 and MoMa's experts hold them (``moma_plugin.experts.tp_shard``):
 
 - column-parallel (split along dim 0): the attention's fused QKV weight and bias (rows grouped by query
-  group, so a contiguous split is a split by groups), the vocabulary-parallel embedding and output layer;
+  group, so a contiguous split is a split by groups; MoT's per-modality copies alike), the
+  vocabulary-parallel embedding and output layer;
 - SwiGLU's fc1 (the dense MLP's and every expert's, weight and bias): along dim 0 with stride 2, each
   rank holding its slice of the gate and its slice of the up projection;
 - row-parallel (split along dim 1): the attention's output projection and every fc2 weight;
@@ -19,9 +20,10 @@ import torch
 
 from ..experts import tp_shard
 
-_COLUMN = re.compile(r"(.*\.linear_qkv\.(weight|bias)|embedding\.word_embeddings\.weight|output_layer\.weight)")
+# ``(\.[a-z]+)?``: a Mixture-of-Transformers projection holds one tensor per modality (``linear_qkv.image.weight``).
+_COLUMN = re.compile(r"(.*\.linear_qkv(\.[a-z]+)?\.(weight|bias)|embedding\.word_embeddings\.weight|output_layer\.weight)")
 _GLU = re.compile(r".*\.linear_fc1\.(weight|bias)")
-_ROW = re.compile(r".*\.(linear_proj|linear_fc2)\.weight")
+_ROW = re.compile(r".*\.(linear_proj(\.[a-z]+)?|linear_fc2)\.weight")
 VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 

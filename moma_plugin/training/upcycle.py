@@ -15,6 +15,11 @@ What each target group gets, per layer (``upcycle_model_state``):
 - a group that keeps its one expert (``1t1i`` -> ``4t1i``: the image group) is copied as it is.
 Everything else (attention, norms, embeddings, MoD routers and their aux routers) is copied bit for bit.
 
+Mixture-of-Transformers (``--mot``): dense -> MoT (``--moma-experts 1t1i --mot all``) gives every modality a
+copy of the dense FFN (an unrouted group: no router), of the attention projections and of the norms, so
+the upcycled model computes exactly what its source does; ``4t1i --mot all`` makes the text FFN a 4-expert
+MoE at the same time. A part the source unties stays untied.
+
 Any engine's checkpoint upcycles (its whole tensors are read), at its TP size or, with
 ``tensor_model_parallel_size``, re-split for another (``tp_layout``).
 
@@ -29,13 +34,14 @@ FLOPs axis. docs/TRAINING.md, "Upcycling".
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..cli import HelpFormatter, UsageError, run_tool
-from ..config import ExpertGroup, parse_expert_groups
+from ..config import ExpertGroup, parse_expert_groups, parse_mot_parts
 from ..experts import per_expert_state
 from . import checkpointing, tp_layout
 from .from_checkpoint import checkpoint_args
@@ -49,16 +55,18 @@ _AUX = re.compile(r"(decoder\.layers\.\d+\.mlp)\.aux_router\.(\w+)\.(fc1|fc2|tra
 DENSE = None  # a target group's source: the dense FFN
 
 
-def group_sources(source: str, target: str, modalities: Tuple[str, ...]) -> Dict[str, Optional[str]]:
+def group_sources(source: str, target: str, modalities: Tuple[str, ...],
+                  untying: bool = False) -> Dict[str, Optional[str]]:
     """{target group: the source group whose one expert its experts copy (``DENSE``: the dense FFN)};
-    a UsageError saying why when ``source`` cannot be upcycled to ``target``."""
+    a UsageError saying why when ``source`` cannot be upcycled to ``target``. ``untying``: the
+    upcycling unties MoT parts, so the same layout is not "nothing to upcycle"."""
     try:
         sources, targets = (parse_expert_groups(spec, modalities) for spec in (source, target))
     except ValueError as e:
         raise UsageError(f"{e}") from None
-    if not targets:
+    if not targets and not untying:
         raise UsageError(f"--moma-experts {target}: upcycling makes expert groups; name them, e.g. 1t1i, 4t4i or 8x")
-    if [(g.name, g.num_experts) for g in sources] == [(g.name, g.num_experts) for g in targets]:
+    if [(g.name, g.num_experts) for g in sources] == [(g.name, g.num_experts) for g in targets] and not untying:
         raise UsageError(f"the checkpoint is {source} already: nothing to upcycle")
     several = [g for g in sources if g.num_experts != 1]
     if several:
@@ -91,6 +99,8 @@ def upcycle_model_state(model: Dict[str, Any], plan: Dict[str, Optional[str]], t
     """The upcycled model state of one tensor-parallel rank's ``model`` state (whole tensors; see the
     module docstring). Routers and aux routers are replicated over TP ranks: every rank's call with the
     same ``seed`` draws the same fresh values."""
+    if not targets:  # a dense target (only MoT parts untied): the FFN stays as it is
+        return dict(model)
     generator = torch.Generator().manual_seed(seed)
     out: Dict[str, Any] = {}
     ffns: Dict[Tuple[str, Optional[str]], Dict[str, torch.Tensor]] = {}
@@ -119,9 +129,11 @@ def upcycle_model_state(model: Dict[str, Any], plan: Dict[str, Optional[str]], t
             for expert in range(group.num_experts):
                 for part, value in ffns[(prefix, source)].items():
                     out[f"{prefix}.experts.{group.name}.{expert}.{part}"] = value.clone()
+            if not group.routed:  # a MoT modality's untied FFN: no router, no aux router
+                continue
             kept = source == group.name and group.num_experts == 1
             router = routers.get((prefix, source)) if source is not DENSE else None
-            if kept:
+            if kept and router is not None:
                 out[f"{prefix}.router.{group.name}.weight"] = router.clone()
                 parts = aux[(prefix, source)]
             else:
@@ -142,6 +154,27 @@ def upcycle_model_state(model: Dict[str, Any], plan: Dict[str, Optional[str]], t
     return out
 
 
+_UNTIED = {"attention": re.compile(r"(decoder\.layers\.\d+\.self_attention\.linear_(?:qkv|proj))\.(weight|bias|_extra_state)"),
+           "norms": re.compile(r"(decoder\.layers\.\d+\.(?:input_layernorm|pre_mlp_layernorm|post_self_attn_layernorm|"
+                               r"post_mlp_layernorm))\.(weight|bias)")}
+
+
+def untie_per_modality(model: Dict[str, Any], parts, modalities: Tuple[str, ...]) -> Dict[str, Any]:
+    """``model`` with the tied tensors of the MoT ``parts`` ('attention', 'norms') copied into each
+    modality's (``linear_qkv.weight`` -> ``linear_qkv.<modality>.weight`` for every modality): at the
+    first step every modality computes what the tied model did. (The FFN is untied by the expert
+    groups: ``upcycle_model_state``.)"""
+    patterns = [_UNTIED[part] for part in parts if part in _UNTIED]
+    out = {}
+    for key, value in model.items():
+        match = next((m for pattern in patterns if (m := pattern.fullmatch(key))), None)
+        if match is None:
+            out[key] = value
+        elif match.group(2) != "_extra_state":  # a Megatron linear's FP8 state: no untied counterpart
+            out.update({f"{match.group(1)}.{modality}.{match.group(2)}": value.clone() for modality in modalities})
+    return out
+
+
 def _layer_index(prefix: str) -> int:
     return int(prefix.split(".")[2])
 
@@ -151,11 +184,12 @@ def _normal(shape, std: float, generator: torch.Generator, dtype) -> torch.Tenso
 
 
 def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_noise: float = 0.0,
-            seed: int = 0, tensor_model_parallel_size: Optional[int] = None) -> Path:
+            seed: int = 0, tensor_model_parallel_size: Optional[int] = None, mot: Optional[str] = None) -> Path:
     """Upcycles iteration ``iteration`` (default: the newest intact) of ``load`` to ``experts`` into
     ``save`` (iteration 0 there), at ``tensor_model_parallel_size`` (default: the source's); returns the
-    new iteration directory. One process reads every tensor-parallel rank's file (any engine's
-    checkpoint: whole tensors, ``checkpointing.full_state``)."""
+    new iteration directory. ``mot``: the Mixture-of-Transformers parts of the target (default: the
+    source's); newly untied parts start as copies of the tied ones. One process reads every
+    tensor-parallel rank's file (any engine's checkpoint: whole tensors, ``checkpointing.full_state``)."""
     load, save = Path(load), Path(save)
     if save.resolve() == load.resolve():
         raise UsageError(f"--save {save} is --load: give the upcycled run its own directory")
@@ -163,21 +197,38 @@ def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_no
         raise UsageError(f"--save {save} holds checkpoints already; give the upcycled run a new directory")
     found_iteration, args = checkpoint_args(str(load), iteration)
     modalities = tuple(args["moma_modalities"])
-    plan = group_sources(args["moma_experts"], experts, modalities)
+    try:
+        source_mot = parse_mot_parts(args.get("mot") or "")
+        target_mot = source_mot if mot is None else parse_mot_parts(mot)
+    except ValueError as e:
+        raise UsageError(f"--mot: {e}") from None
+    tied_again = [part for part in source_mot if part not in target_mot]
+    if tied_again:
+        raise UsageError(f"the checkpoint unties {', '.join(source_mot)} per modality and --mot {mot!r} would tie "
+                         f"{', '.join(tied_again)} again; upcycling only unties: keep --mot {','.join(source_mot)}")
+    untying = [part for part in target_mot if part not in source_mot]
+    plan = group_sources(args["moma_experts"], experts, modalities, untying=bool(untying))
     targets = parse_expert_groups(experts, modalities)
+    if "ffn" in target_mot:
+        if any(len(g.modalities) > 1 for g in targets):
+            raise UsageError(f"--mot {','.join(target_mot)} unties the FFN per modality; --moma-experts {experts} "
+                             "shares a group between modalities: give each modality its group (e.g. 1t1i or 4t1i)")
+        targets = [replace(g, routed=g.num_experts > 1) for g in targets]
     if router_noise < 0:
         raise UsageError(f"--router-noise must be at least 0, got {router_noise}")
     tp = int(args.get("tensor_model_parallel_size", 1))
     target_tp = tensor_model_parallel_size or tp
     if target_tp < 1:
         raise UsageError(f"--tensor-model-parallel-size must be at least 1, got {target_tp}")
-    target_args = dict(args, moma_experts=experts, moma_router_gumbel_noise=True, tensor_model_parallel_size=target_tp)
+    target_args = dict(args, moma_experts=experts, moma_router_gumbel_noise=True, tensor_model_parallel_size=target_tp,
+                       mot=",".join(target_mot))
     ranks, directory = checkpointing.whole_rank_states(load, found_iteration, tp)
     source_groups = parse_expert_groups(args["moma_experts"], modalities)
     states = {}
     for tp_rank, (state,) in enumerate(ranks):
         source = per_expert_state(state["model"], source_groups)
         model = upcycle_model_state(source, plan, targets, args.get("init_method_std", 0.02), router_noise, seed)
+        model = untie_per_modality(model, untying, modalities)
         moma = {key: state["moma"][key] for key in ("sampler", "consumed_tokens", "train_seconds", "data_fingerprint")
                 if key in state["moma"]}
         moma["upcycled"] = {"from": str(directory), "iteration": found_iteration,
@@ -192,8 +243,9 @@ def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_no
         states = _at_tensor_parallel_size(states, target_tp, args)
     summary = {"upcycled_from": str(directory), "source_iteration": found_iteration}
     path = checkpointing.save_offline(save, 0, states, summary)
-    print(f"{TOOL}: iteration {found_iteration} of {load} ({args['moma_experts']}) upcycled to {experts} in {path}; "
-          f"continue with moma-pretrain --moma-experts {experts} --save {save} and the run's other flags "
+    mot_flag = f" --mot {','.join(target_mot)}" if target_mot else ""
+    print(f"{TOOL}: iteration {found_iteration} of {load} ({args['moma_experts']}) upcycled to {experts}{mot_flag} in "
+          f"{path}; continue with moma-pretrain --moma-experts {experts}{mot_flag} --save {save} and the run's other flags "
           "(a fresh optimizer and schedule; the data continues where it stopped)", flush=True)
     return path
 
@@ -226,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh routers and of the noise")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=None,
                         help="TP size of the upcycled checkpoint (default: the source's)")
+    parser.add_argument("--mot", default=None, metavar="PARTS",
+                        help="Mixture-of-Transformers parts of the target (ffn, attention, norms or all; default: "
+                             "the source's): each newly untied part starts, for every modality, as a copy of the "
+                             "tied one, e.g. dense -> --moma-experts 1t1i --mot all")
     return parser
 
 
@@ -233,7 +289,7 @@ def main(argv: Optional[List[str]] = None):
     def _run(argv):
         options = build_parser().parse_args(argv)
         return upcycle(options.load, options.save, options.moma_experts, options.ckpt_step,
-                       options.router_noise, options.seed, options.tensor_model_parallel_size)
+                       options.router_noise, options.seed, options.tensor_model_parallel_size, options.mot)
 
     run_tool(TOOL, _run, sys.argv[1:] if argv is None else argv)
 
