@@ -14,10 +14,10 @@ import torch
 
 import moma_plugin as mp
 from moma_plugin.cli import UsageError
-from moma_plugin.config import parse_expert_groups
+from moma_plugin.config import parse_expert_groups, parse_mot_parts
 from moma_plugin.experts import per_expert_state
 from moma_plugin.training import checkpointing, loop, upcycle as upcycle_tool
-from moma_plugin.training.upcycle import DENSE, group_sources, upcycle, upcycle_model_state
+from moma_plugin.training.upcycle import DENSE, group_sources, untie_per_modality, upcycle, upcycle_model_state
 
 from .conftest import free_port, run_ranks
 
@@ -266,3 +266,59 @@ def test_tp_layout_split_and_merge_are_inverse():
     padded = tp_layout.merge(tp_layout.split(whole, 2, vocab_rows=768))["embedding.word_embeddings.weight"]
     assert padded.shape == (768, 8) and torch.equal(padded[:512], whole["embedding.word_embeddings.weight"])
     assert not padded[512:].any()
+
+
+# -- dense -> Mixture-of-Transformers -----------------------------------------------------------------
+@pytest.mark.parametrize("target, mot", [("1t1i", "all"), ("1t1i", "ffn,norms"), ("dense", "attention")])
+def test_dense_upcycled_to_mot_computes_what_the_dense_model_does(megatron_single_process, target, mot):
+    """Every modality's copy starts from the dense weights, so on mixed sequences the MoT model's logits
+    equal the dense model's; the copies are bit-for-bit, and then the modalities' weights can diverge."""
+    torch.manual_seed(0)
+    dense = tiny_model("dense")
+    state = dense.state_dict()
+    after = tiny_model(target, mot=mot)
+    untied = upcycle_model_state(state, group_sources("dense", target, MODALITIES, untying=True),
+                                 after.config.moma_expert_groups, init_std=0.02, seed=3)
+    untied = untie_per_modality(untied, parse_mot_parts(mot), MODALITIES)
+    after.load_state_dict(untied, strict=True)
+    assert not any(".router." in key for key in untied)  # untied FFNs are not routed
+    if "attention" in mot:
+        qkv = after.decoder.layers[0].self_attention.linear_qkv.weight
+        assert qkv.dim() == 3 and torch.equal(qkv[0], qkv[1])
+        assert torch.equal(qkv[1], state["decoder.layers.0.self_attention.linear_qkv.weight"])
+    tokens = torch.randint(0, 64, (2, 16))
+    modality_ids = (tokens >= 32).long()
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        expected = dense(tokens, positions, None, modality_ids=modality_ids)
+        got = after(tokens, positions, None, modality_ids=modality_ids)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for name, param in after.named_parameters():  # the check can fail: image weights matter
+            if name.endswith(("linear_qkv.weight", "layernorm.weight")) and ".layers." in name:
+                param[1].mul_(1.5)
+            elif name.endswith("experts.fc1_weight"):
+                param[1].mul_(1.5)
+        assert not torch.allclose(after(tokens, positions, None, modality_ids=modality_ids), expected, atol=1e-3)
+
+
+def test_moma_upcycle_dense_to_mot_and_training_continues(megatron_single_process, tmp_path):
+    source = loop.pretrain([*TINY, "--moma-experts", "dense", "--train-iters", "3", "--save-interval", "3",
+                            "--run-dir", str(tmp_path / "dense")])
+    assert source.status == "completed"
+    saved = tmp_path / "dense" / "checkpoints"
+    with pytest.raises(SystemExit, match="shares a group between modalities"):
+        upcycle_tool.main(["--load", str(saved), "--save", str(tmp_path / "x"), "--moma-experts", "4x", "--mot", "all"])
+    upcycle_tool.main(["--load", str(saved), "--save", str(tmp_path / "mot"), "--moma-experts", "4t1i", "--mot", "all"])
+    with pytest.raises(SystemExit, match="--mot: checkpoint 'ffn,attention,norms', now ''"):
+        loop.pretrain([*TINY, "--moma-experts", "4t1i", "--train-iters", "3", "--save", str(tmp_path / "mot"),
+                       "--run-dir", str(tmp_path / "wrong")])
+    up = loop.pretrain([*TINY, "--moma-experts", "4t1i", "--mot", "all", "--train-iters", "3",
+                        "--save", str(tmp_path / "mot"), "--run-dir", str(tmp_path / "phase2")])
+    assert up.status == "completed" and list(up.train_losses) == [1, 2, 3]
+    saved_state = checkpointing.load_checkpoint(tmp_path / "mot", 0)["model"]
+    assert "decoder.layers.1.self_attention.linear_qkv.image.weight" in saved_state
+    assert "decoder.layers.1.mlp.router.text.weight" in saved_state
+    assert "decoder.layers.1.mlp.router.image.weight" not in saved_state
+    with pytest.raises(SystemExit, match="would tie attention, norms again"):
+        upcycle_tool.main(["--load", str(tmp_path / "mot"), "--save", str(tmp_path / "y"), "--moma-experts", "4t4i",
+                           "--mot", "ffn"])
