@@ -98,11 +98,18 @@ def megatron_args(prefix: str, vocab_size: int, tensorboard: str):
             "--seed", "7", "--tensorboard-dir", tensorboard]
 
 
-def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
+# Mixture-of-Transformers with a 4-expert text MoE: Megatron-LM's flags, and moma-pretrain's.
+MOT = ["--mot", "all", "--moma-experts", "4t1i"]
+
+
+def _job_rank(rank, world, port, root, script, prefix, vocab_size, out, extra=()):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     sys.path.insert(0, root)
-    sys.argv = ["pretrain_gpt.py", *megatron_args(prefix, vocab_size, f"{out}.tb")]
+    flags = megatron_args(prefix, vocab_size, f"{out}.tb")
+    if extra:  # the MoT layer spec object, as a MoT job names it
+        flags[flags.index("moma_layer_spec")] = "mot_layer_spec"
+    sys.argv = ["pretrain_gpt.py", *flags, *extra]
     torch.set_num_threads(1)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # STAND_INS
     torch.cuda.current_device = lambda: "cpu"
@@ -148,7 +155,7 @@ def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
     moma_args = moma_parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
                                  "--seq-length", "64", "--moma-experts", "4t4i", "--mod-interval", "2",
                                  "--mod-capacity", "0.5", "--aux-router-joint", "--data-path", prefix,
-                                 "--train-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "2"])
+                                 "--train-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "2", *extra])
     parallel = Parallel(rank=0, world=1, tp_rank=0, tp=1, dp_rank=0, dp=1, device=torch.device("cpu"))
     reference, _ = build_model(moma_args, layout, parallel)
     reference.load_state_dict(model.state_dict())
@@ -158,7 +165,7 @@ def _job_rank(rank, world, port, root, script, prefix, vocab_size, out):
     torch.save({"loss": float(loss.detach()), "num_tokens": int(num_tokens), "report": report,
                 "reference": float(reference_loss), "mask": float(batch["loss_mask"].sum()),
                 "model": type(model).__name__, "modalities": layout.modalities,
-                "built_by": built_by}, out)
+                "built_by": built_by, "keys": list(model.state_dict())}, out)
     torch.distributed.destroy_process_group()
 
 
@@ -171,8 +178,9 @@ def bundled():
     return prefix, VocabularyLayout.load(f"{prefix}.vocab.json").vocab_size
 
 
-@pytest.mark.parametrize("how, script", [("patch", "pretrain_gpt"), ("script", "pretrain_moma_gpt")])
-def test_a_megatron_lm_job_trains_moma_like_moma_pretrain(tmp_path, bundled, how, script):
+@pytest.mark.parametrize("how, script, extra", [("patch", "pretrain_gpt", ()), ("script", "pretrain_moma_gpt", ()),
+                                                ("patch", "pretrain_gpt", tuple(MOT))], ids=["patch", "script", "mot"])
+def test_a_megatron_lm_job_trains_moma_like_moma_pretrain(tmp_path, bundled, how, script, extra):
     """Megatron-LM's parse_args with --spec moma_plugin moma_layer_spec and the MoMa flags, its
     model_provider through the wrapped builder (a MoMaGPTModel), a GPTDataset batch over the bundled
     corpus, the wrapped forward_step and its loss_func, in the patched pretrain_gpt.py and in the
@@ -183,9 +191,13 @@ def test_a_megatron_lm_job_trains_moma_like_moma_pretrain(tmp_path, bundled, how
                                          "moma_plugin[megatron-lm]")
     root = checkout(tmp_path, how)
     prefix, vocab_size = bundled
-    run_ranks(_job_rank, (1, free_port(), str(root), script, prefix, vocab_size, str(tmp_path / "out.pt")),
+    run_ranks(_job_rank, (1, free_port(), str(root), script, prefix, vocab_size, str(tmp_path / "out.pt"), extra),
               nprocs=1, timeout_s=300, what=f"{script}.py ({how})")
     result = torch.load(tmp_path / "out.pt")
+    # --mot all: per-modality projections and norms, a routed text MoE, an unrouted image FFN
+    mot_keys = {"decoder.layers.0.self_attention.linear_qkv.image.weight", "decoder.layers.0.mlp.router.text.weight"}
+    assert (mot_keys <= set(result["keys"])) == bool(extra)
+    assert ("decoder.layers.0.mlp.router.image.weight" in result["keys"]) != bool(extra)
     assert result["model"] == "MoMaGPTModel" and result["num_tokens"] == result["mask"]
     assert result["built_by"] == {"v0.16.1": "model_provider", "v0.19.0": "MoMaGPTModelBuilder"}[installed_release()]
     report = result["report"]
