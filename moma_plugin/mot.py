@@ -122,6 +122,10 @@ class _ModalityLinear(MegatronModule, LayoutUser, PerModalityState):
     def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = True,
                  skip_bias_add: bool = False, tp_group=None, **unused):
         super().__init__(config=config)
+        if unused.get("gather_output") or unused.get("input_is_parallel") is False:
+            raise NotImplementedError(
+                f"{type(self).__name__} is the attention's untied projection: it does not gather its output "
+                f"(column) and takes a TP-parallel input (row); got {unused}.")
         self._init_modalities(config)
         self.tp_group = tp_group
         self.world = tp_group.size() if tp_group is not None else 1
@@ -174,8 +178,9 @@ class ModalityColumnLinear(_ModalityLinear):
 
 class ModalityRowLinear(_ModalityLinear):
     """Megatron's RowParallelLinear (input already parallel) with a weight per modality: the attention
-    output projection. The bias is added after the reduction and returned as None (it differs per
-    token). Under sequence parallelism the output is reduce-scattered to this rank's chunk."""
+    output projection. The bias is added after the reduction and returned as None even where Megatron
+    asks for it apart (``skip_bias_add``: it differs per token; bias-dropout-add then adds None). Under
+    sequence parallelism the output is reduce-scattered to this rank's chunk."""
 
     parallel_dim = 2
 
