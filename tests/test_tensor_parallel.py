@@ -62,6 +62,11 @@ VARIANTS = {
     "sp-mot-mod": (dict(_BASE, moma_experts="2t1i", mot="all", moma_expert_execution="loop",
                         sequence_parallel=True, mod_interval=2, mod_start_layer=1, mod_capacity=0.4,
                         moma_post_norm=True, add_bias_linear=True), "loop"),
+    # Soft MoE in a bidirectional stack: replicated slot parameters, experts split as MoMa's.
+    "soft-moe": (dict(_BASE, moma_experts="2t2i", moma_soft_moe_slots=2, moma_bidirectional=True,
+                      moma_expert_execution="chunked"), "chunked"),
+    "sp-soft-moe": (dict(_BASE, moma_experts="2x", moma_soft_moe_slots=3, moma_bidirectional=True,
+                         moma_expert_execution="loop", sequence_parallel=True, add_bias_linear=True), "loop"),
 }
 
 
@@ -347,7 +352,7 @@ def test_tp2_matches_tp1(tp_results, variant):
                                    msg=lambda m: f"{where}: loss\n{m}")
 
         assert result["grads"].keys() == {n for n, p in params.items() if "aux_router" not in n}
-        assert any(".mlp.router." in n for n in params)
+        assert any(".mlp.router." in n or ".mlp.slots." in n for n in params)
         assert any(re.fullmatch(r".*\.experts\.fc2_weight", n) for n in params)
         for name, grad in result["grads"].items():
             # Replicated parameters (routers, norms, ...) get the full TP=1 gradient on every rank;
