@@ -28,14 +28,13 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
 import warnings
 
 import torch
-from tables import print_markdown_table  # benchmarks/tables.py, beside this script
+from tables import init_megatron_single_process, print_markdown_table  # benchmarks/tables.py, beside this script
 
 # Megatron warns at import time that Transformer Engine / Apex are absent; that is expected here.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -45,7 +44,6 @@ warnings.filterwarnings("ignore", message="full scope is deprecated.*")
 
 import moma_plugin as mp  # noqa: E402
 import moma_plugin.experts as experts_module  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: E402
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
@@ -100,17 +98,6 @@ def parse_args(argv=None):
                 f"{torch.__version__}); run on CPU or install a CUDA build of torch")
     return args
 
-
-def init_megatron_single_process():
-    """One-process gloo group and tensor-parallel size 1, as tests/conftest.py sets up."""
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
 
 
 def make_config(args, **overrides) -> mp.MoMaConfig:

@@ -52,13 +52,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from tables import source_revision  # benchmarks/tables.py, beside this script
 
 # Megatron warns at import time that Transformer Engine / Apex are absent; that is expected here.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -447,18 +447,6 @@ def print_models(variants, flops, share):
               f"params in {v.num_tensors} tensors, vocab {v.model.vocab_size}, "
               f"{flops[name] / 1e6:.1f} MFLOP/token ({flops[name] / flops['dense']:.3f} x dense)")
 
-
-def source_revision():
-    """The git revision of the imported moma_plugin's checkout (and whether it has local changes)."""
-    where = Path(moma_plugin.__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "git revision unknown"
-    return f"git {head}{' + local changes' if dirty else ''}" if head else "not a git checkout"
 
 
 # -- the run ----------------------------------------------------------------------------------------

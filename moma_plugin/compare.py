@@ -155,7 +155,10 @@ def load_run(path) -> Run:
     records: Dict[str, List[dict]] = {}
     for (kind, _), rec in sorted(latest.items(), key=lambda kv: kv[0]):
         records.setdefault(kind, []).append(rec)
-    return Run(name=str(meta.get("name") or path.name), experts=str(meta.get("moma_experts", "?")),
+    experts = str(meta.get("moma_experts", "?"))
+    if (meta.get("args") or {}).get("mot"):  # Mixture-of-Transformers: its FFN groups are untied FFNs
+        experts = f"mot {experts}"
+    return Run(name=str(meta.get("name") or path.name), experts=experts,
                modalities=list(meta.get("modalities", [])),
                flops_per_token=float(meta.get("flops_per_token") or 0.0),
                num_parameters=int(meta.get("num_parameters") or 0), path=path,

@@ -80,3 +80,18 @@ def test_expert_parallel_benchmark_smoke_run():
     # --quick: 128 tokens, H 64, capacity factor 1, balanced placement over 2 ranks: every (token,
     # expert) row crosses 4 times half the time (512 B) plus 8 counts of 8 B per 128 tokens.
     assert float(model.group(1)) == float(measured.group(1)) == 512.5, result.stdout
+
+
+def test_mot_layer_benchmark_smoke_run():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_mot_layer.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]  # it exits non-zero if a layer is not its variant
+    for name in ("dense", "mot", "mot-ffn", "4t4i"):
+        # A row in the wall and in the 1-thread CPU table, and (not dense) a ratio in the summary line.
+        rows = re.findall(rf"^\| {name} +\| [0-9.]+M +\| [0-9.]+ +\| [0-9.]+ +\| [0-9.]+ +\| ", result.stdout,
+                          re.MULTILINE)
+        assert len(rows) == 2, (name, result.stdout)
+        if name != "dense":
+            assert re.search(rf"^fwd\+bwd time vs dense .*[:,] {name} [0-9.]+ wall, [0-9.]+ CPU", result.stdout,
+                             re.MULTILINE), (name, result.stdout)
+    assert re.search(r"^\| dense +\| [0-9.]+M .*\| 1\.00 +\| [0-9,]+ +\|$", result.stdout, re.MULTILINE)
