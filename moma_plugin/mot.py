@@ -19,7 +19,8 @@ Checkpoints hold one tensor per modality, ``<module>.<modality>.weight`` (``line
 so TP re-layout (``training.tp_layout``) and upcycling (``moma-upcycle``, dense -> MoT) read them by name.
 """
 
-from typing import Dict, Optional
+import re
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,28 @@ class PerModalityState(torch.nn.Module):
             prefix + n for n in self._stacked()}
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known
                                and not k.endswith("_extra_state"))
+
+
+# The parameters a MoT layer unties, with the dimensions of their tied form.
+_UNTIED_NAMES = [(re.compile(r".*\.self_attention\.linear_(?:qkv|proj)\.weight"), 2),
+                 (re.compile(r".*\.self_attention\.linear_(?:qkv|proj)\.bias"), 1),
+                 (re.compile(r".*\.(?:input|pre_mlp|post_self_attn|post_mlp)_layernorm\.(?:weight|bias)"), 1)]
+
+
+def per_modality_state(state: Dict[str, Any], modalities: Sequence[str]) -> Dict[str, Any]:
+    """``state`` with each stacked MoT tensor (``...linear_qkv.weight`` [M, out, in], as an FSDP2
+    checkpoint's DCP directory holds the parameters) split into a checkpoint's per-modality names
+    (``...linear_qkv.<modality>.weight``); tied tensors (one dimension fewer) are left as they are."""
+    out = {}
+    for key, value in state.items():
+        tied_dims = next((dims for pattern, dims in _UNTIED_NAMES if pattern.fullmatch(key)), None)
+        if tied_dims is not None and torch.is_tensor(value) and value.dim() == tied_dims + 1 \
+                and value.shape[0] == len(modalities):
+            prefix, _, name = key.rpartition(".")
+            out.update({f"{prefix}.{m}.{name}": t for m, t in zip(modalities, value.unbind(0))})
+        else:
+            out[key] = value
+    return out
 
 
 def _master_weights(config, init_method, out_features: int, in_features: int, dim: int, tp_group) -> Tensor:

@@ -15,7 +15,8 @@ from moma_plugin.config import parse_mot_parts
 from moma_plugin.generation import TokenRules, generate
 from moma_plugin.aux_router import aux_routers, mark_aux_routers_trained
 from moma_plugin.layout import build_modality_layout
-from moma_plugin.mot import ModalityNorm, modality_matmul, modality_matmul_reference
+from moma_plugin.experts import per_expert_state
+from moma_plugin.mot import ModalityNorm, modality_matmul, modality_matmul_reference, per_modality_state
 
 from .helpers import random_batch, tiny_config, tiny_model
 
@@ -210,3 +211,18 @@ def test_mot_parts_parse_and_bad_settings_are_refused():
         mp.get_mot_layer_spec(tiny_config())
     assert mp.get_mot_layer_spec(tiny_config(mot="all", moma_experts="1t1i"), use_te=False).module \
         is mp.MoMaTransformerLayer
+
+
+def test_stacked_parameters_of_a_sharded_checkpoint_split_into_checkpoint_names():
+    """An FSDP2 checkpoint's DCP directory holds the parameters stacked, as named_parameters() names
+    them; per_modality_state and per_expert_state turn them into the checkpoint names every tool reads."""
+    model = tiny_model(tiny_config(moma_experts="2t1i", mot="all", add_bias_linear=True, moma_post_norm=True))
+    saved = model.state_dict()
+    stacked = {**dict(model.named_parameters()), **{k: v for k, v in model.named_buffers() if k in saved}}
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in stacked
+    named = per_expert_state(per_modality_state(stacked, ("text", "image")), model.config.moma_expert_groups)
+    checkpoint = {k: v for k, v in saved.items() if not k.endswith("_extra_state")}
+    assert named.keys() == checkpoint.keys()
+    assert all(torch.equal(named[k], checkpoint[k]) for k in checkpoint)
+    tied = tiny_model(tiny_config(moma_experts="dense")).state_dict()
+    assert per_modality_state(tied, ("text", "image")).keys() == tied.keys()  # nothing stacked: as it is

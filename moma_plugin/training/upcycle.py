@@ -43,6 +43,7 @@ import torch
 from ..cli import HelpFormatter, UsageError, run_tool
 from ..config import ExpertGroup, parse_expert_groups, parse_mot_parts
 from ..experts import per_expert_state
+from ..mot import per_modality_state
 from . import checkpointing, tp_layout
 from .from_checkpoint import checkpoint_args
 
@@ -226,7 +227,7 @@ def upcycle(load, save, experts: str, iteration: Optional[int] = None, router_no
     source_groups = parse_expert_groups(args["moma_experts"], modalities)
     states = {}
     for tp_rank, (state,) in enumerate(ranks):
-        source = per_expert_state(state["model"], source_groups)
+        source = per_modality_state(per_expert_state(state["model"], source_groups), modalities)
         model = upcycle_model_state(source, plan, targets, args.get("init_method_std", 0.02), router_noise, seed)
         model = untie_per_modality(model, untying, modalities)
         moma = {key: state["moma"][key] for key in ("sampler", "consumed_tokens", "train_seconds", "data_fingerprint")
