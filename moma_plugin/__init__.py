@@ -6,6 +6,8 @@ Tensor names end in their shape's letters, one legend for the package:
   M modalities, E experts (of a layer, or of one group where the function works on one group), G the
   tokens of one expert group, C tokens of one expert (its capacity), A chosen (token, expert) pairs of
   a layer, K tokens a Mixture-of-Depths layer selected, P slots of the packed MoD sequence, V vocabulary.
+  Two modules use letters of their own: ``mot`` I and O for a projection's input and output features,
+  ``soft_moe`` P for a group's Soft MoE slots and R for the experts' rows.
 """
 
 import warnings
@@ -34,6 +36,7 @@ from . import megatron_compat
 from .metrics import collect_routing_metrics
 from .model import MoMaGPTModel
 from .moma_mlp import MoMaMLP, MoMaMLPSubmodules
+from .soft_moe import SoftMoEMLP
 from .specs import (
     get_moma_decoder_block_spec,
     get_moma_layer_spec,
@@ -54,7 +57,7 @@ __all__ = [
     "narrow_layout", "pop_aux_loss", "set_aux_router_training", "set_routing_mode",
     "ExpertGroup", "ModalityLayout", "MoMaConfig", "MoMaGPTModel", "MoMaMLP", "MoMaMLPSubmodules",
     "MoMaTransformerBlock", "MoMaTransformerLayer", "MoMaTransformerLayerSubmodules",
-    "SDPACoreAttention", "add_moma_args", "build_modality_layout", "collect_routing_metrics",
+    "SDPACoreAttention", "SoftMoEMLP", "add_moma_args", "build_modality_layout", "collect_routing_metrics",
     "expert_capacity", "get_moma_decoder_block_spec", "get_moma_layer_spec", "get_mot_layer_spec",
     "get_soft_moe_mlp_spec", "mot_layer_spec",
     "modality_ids_from_tokens", "moma_config_from_args", "moma_layer_spec", "parse_expert_groups",

@@ -3,6 +3,8 @@
 Expert groups are written as in the MoMa paper: ``4t4i`` is four text experts and four image experts,
 ``8x`` is eight experts shared by every modality, ``dense`` keeps Megatron's plain MLP. A letter names the
 modality whose name starts with it, so ``4t4i2s`` works once ``moma_modalities`` holds "speech".
+``mot`` unties attention projections, norms and FFN per modality (Mixture-of-Transformers; with 'ffn' a
+group of one expert is its modality's plain FFN), ``moma_soft_moe_slots`` makes the groups Soft MoEs.
 """
 
 import math

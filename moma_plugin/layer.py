@@ -1,4 +1,5 @@
-"""MoMaTransformerLayer: Megatron's TransformerLayer that hands the modality layout to its MoMa MLP, can
+"""MoMaTransformerLayer: Megatron's TransformerLayer that hands the modality layout to the modules that read
+it (its MoMa or Soft MoE MLP; Mixture-of-Transformers projections and norms, ``moma_plugin.mot``), can
 place the norms after each sublayer (Chameleon's res-post-norm) and can be a Mixture-of-Depths layer.
 
 Mixture-of-Depths (MoMa paper section 2.3): a router ``r = sigmoid(x W)`` scores every token of the
@@ -144,12 +145,13 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
 
             submodules = get_moma_layer_submodules(config)
         mlp_spec = submodules.mlp
-        builds_moma_mlp = isinstance(mlp_spec, ModuleSpec) and issubclass(mlp_spec.module, LayoutUser)
-        if builds_moma_mlp:
-            # Built below with the TP group: Megatron's layer only knows how to pass it to its own MLPs.
+        builds_layout_mlp = isinstance(mlp_spec, ModuleSpec) and issubclass(mlp_spec.module, LayoutUser)
+        if builds_layout_mlp:
+            # A MoMa or Soft MoE MLP, built below with the TP group: Megatron's layer only knows how to
+            # pass it to its own MLPs.
             submodules = replace(submodules, mlp=IdentityOp)
         super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection, vp_stage)
-        if builds_moma_mlp:
+        if builds_layout_mlp:
             self.mlp = build_module(mlp_spec, config=self.config, tp_group=self.pg_collection.tp)
             if hasattr(self.mlp, "set_layer_number"):
                 self.mlp.set_layer_number(self.layer_number)
@@ -187,6 +189,8 @@ class MoMaTransformerLayer(TransformerLayer, AuxRouterOwner):
             setattr(self, bda, _norm_before_residual(getattr(self, bda), norm))
 
     def _layout_users(self, *names):
+        """The modules under the named submodules that read the layout (MoMa and Soft MoE MLPs, MoT
+        projections and norms)."""
         return [module for name in names if isinstance(getattr(self, name, None), torch.nn.Module)
                 for module in getattr(self, name).modules() if isinstance(module, LayoutUser)]
 
