@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .config import model_label
+
 SOURCES = ("train", "eval")
 
 
@@ -155,9 +157,7 @@ def load_run(path) -> Run:
     records: Dict[str, List[dict]] = {}
     for (kind, _), rec in sorted(latest.items(), key=lambda kv: kv[0]):
         records.setdefault(kind, []).append(rec)
-    experts = str(meta.get("moma_experts", "?"))
-    if (meta.get("args") or {}).get("mot"):  # Mixture-of-Transformers: its FFN groups are untied FFNs
-        experts = f"mot {experts}"
+    experts = model_label(str(meta.get("moma_experts", "?")), (meta.get("args") or {}).get("mot"))
     return Run(name=str(meta.get("name") or path.name), experts=experts,
                modalities=list(meta.get("modalities", [])),
                flops_per_token=float(meta.get("flops_per_token") or 0.0),

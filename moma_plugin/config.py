@@ -99,6 +99,12 @@ def parse_mot_parts(parts) -> Tuple[str, ...]:
     return tuple(p for p in MOT_PARTS if p in parts)
 
 
+def model_label(moma_experts: str, mot) -> str:
+    """How runs are named and tabled: '4t4i', 'dense', or with Mixture-of-Transformers parts untied
+    'mot 4t1i'."""
+    return f"mot {moma_experts}" if mot else moma_experts
+
+
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """Tokens each expert of a group takes: ``k_e = ceil(b^M * factor / |E^M|)``, at most ``b^M``."""
     return min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts))

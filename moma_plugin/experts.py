@@ -56,6 +56,11 @@ def tp_shard(full: Tensor, dim: int, stride: int, rank: int, world: int) -> Tens
     return torch.cat(pieces[rank::world], dim=dim)
 
 
+def init_device(config) -> str:
+    """Where a module's parameters are made: the CPU under ``use_cpu_initialization`` or without CUDA."""
+    return "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
+
+
 class StackedExperts(torch.nn.Module):
     """The SwiGLU experts of all groups of one MoMa layer, stored stacked (see the module docstring)."""
 
@@ -78,7 +83,7 @@ class StackedExperts(torch.nn.Module):
         rank = tp_group.rank() if tp_group is not None else 0
         hidden, ffn = config.hidden_size, config.ffn_hidden_size
         self.activation = config.activation_func
-        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
+        device = init_device(config)
         # Each expert as Megatron's CPU initialisation does it: the full master weight initialised
         # (fc1 then fc2, expert by expert), then this rank's slice kept.
         # Under EP every expert is drawn and those of other ranks dropped: the same weights at any

@@ -51,6 +51,12 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
     aux = 0.0
     if config.is_dense:
         router, expert_passes = 0.0, 1.0
+    elif config.moma_soft_moe_slots:  # no aux routers: nothing to predict at inference
+        router = expert_passes = 0.0
+        for group in config.moma_expert_groups:
+            slots = group.num_experts * config.moma_soft_moe_slots
+            router += 3 * 2 * h * slots  # slot logits, dispatch, combine, over every token (masked)
+            expert_passes += slots / seq_length  # slots per sequence over all tokens of the sequence
     else:
         router = expert_passes = 0.0
         for group in config.moma_expert_groups:
@@ -61,12 +67,6 @@ def forward_flops_per_token(config: MoMaConfig, seq_length: int, vocab_size: int
             router += 2 * h * group.num_experts
             expert_passes += share * min(config.moma_capacity_factor, group.num_experts)
             aux += share * (2 * h * aux_hidden + 2 * aux_hidden * group.num_experts)
-    if config.moma_soft_moe_slots:
-        router = expert_passes = 0.0
-        for group in config.moma_expert_groups:
-            slots = group.num_experts * config.moma_soft_moe_slots
-            router += 3 * 2 * h * slots  # slot logits, dispatch, combine, over every token (masked)
-            expert_passes += slots / seq_length  # slots per sequence over all tokens of the sequence
     per_layer = {
         "attention_projections": 2 * h * (q_dim + 2 * kv_dim) + 2 * q_dim * h,
         "attention_core": 2 * 2 * seq_length * q_dim,

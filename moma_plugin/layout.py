@@ -74,14 +74,25 @@ class LayoutUser:
         finally:
             self.layout, self.sequence_chunk = None, None
 
-    def require_layout(self) -> "ModalityLayout":
-        if self.layout is None:
+    def routing_layout(self, layout: Optional["ModalityLayout"]):
+        """``use_layout`` on the whole sequence: how a test or benchmark hands an MLP its layout."""
+        return self.use_layout(layout)
+
+    def require_layout(self, tokens: Optional[int] = None, multiple_of: int = 1) -> "ModalityLayout":
+        """The layout of this call; with ``tokens``, checked to describe them (the input's s*b, padded
+        by the layer to a multiple of ``multiple_of``)."""
+        layout = self.layout
+        if layout is None:
             raise RuntimeError(
                 f"{type(self).__name__} received no modality layout. Build the model with "
                 "moma_plugin.MoMaGPTModel (it passes the layout to every MoMaTransformerLayer), or call "
                 "the layer with modality_layout=moma_plugin.build_modality_layout(modality_ids_SB, "
                 "num_modalities).")
-        return self.layout
+        if tokens is not None and tokens != -(-layout.num_tokens // multiple_of) * multiple_of:
+            raise ValueError(
+                f"{type(self).__name__}: the modality layout has {layout.num_tokens} tokens but the layer got "
+                f"{tokens} (s*b). Modality ids must have the same [b, s] shape as the input ids.")
+        return layout
 
 
 def local_modality_ids(layout: "ModalityLayout", rows: int, sequence_chunk: Optional[Tuple[int, int]]) -> Tensor:

@@ -136,10 +136,6 @@ class MoMaMLP(MegatronModule, AuxRouterOwner, LayoutUser):
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
 
-    def routing_layout(self, layout: Optional[ModalityLayout]):
-        """Scope in which ``forward`` routes with ``layout`` (``use_layout``)."""
-        return self.use_layout(layout)
-
     def aux_routers(self):
         return [("experts", self.aux_router[g.name]) for g in self.groups if g.routed]
 
@@ -155,13 +151,8 @@ class MoMaMLP(MegatronModule, AuxRouterOwner, LayoutUser):
         return over_whole_sequence(self, hidden_states), None
 
     def _forward_tokens(self, hidden_states: Tensor, multiple_of: int = 1) -> Tensor:
-        layout = self.require_layout()
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if x_TH.shape[0] != -(-layout.num_tokens // multiple_of) * multiple_of:
-            raise ValueError(
-                f"modality layout has {layout.num_tokens} tokens but the layer got {x_TH.shape[0]} "
-                "(s*b). Modality ids must have the same [b, s] shape as the input ids."
-            )
+        layout = self.require_layout(x_TH.shape[0], multiple_of)
         if self.routing_mode == "causal":
             plan = self.route_causal(x_TH, layout)
         else:

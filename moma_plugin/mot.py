@@ -20,7 +20,7 @@ so TP re-layout (``training.tp_layout``) and upcycling (``moma-upcycle``, dense 
 """
 
 import re
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-from .experts import tp_shard
+from .experts import init_device, tp_shard
 from .layout import LayoutUser, ModalityLayout, local_modality_ids
 
 
@@ -78,33 +78,44 @@ class PerModalityState(torch.nn.Module):
                               unexpected_keys, error_msgs):
         for name, param in self._stacked().items():
             keys = [f"{prefix}{modality}.{name}" for modality in self.modality_names]
-            if prefix + name in state_dict:  # the stacked tensor itself
-                pairs = [(prefix + name, state_dict[prefix + name], tuple(param.shape))]
+            stacked = prefix + name in state_dict  # the stacked tensor itself
+            if stacked:
+                keys, shape = [prefix + name], tuple(param.shape)
             else:
                 missing = [k for k in keys if k not in state_dict]
                 missing_keys.extend(missing)
                 if missing:
                     continue
-                pairs = [(k, state_dict[k], tuple(param.shape[1:])) for k in keys]
-            bad = [(k, t, shape) for k, t, shape in pairs if tuple(t.shape) != shape]
+                shape = tuple(param.shape[1:])
+            bad = [k for k in keys if tuple(state_dict[k].shape) != shape]
             if bad:
-                key, tensor, shape = bad[0]
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(tensor.shape)} "
-                                  f"from checkpoint, the shape in current model is {shape}.")
+                error_msgs.append(f"size mismatch for {bad[0]}: copying a param with shape "
+                                  f"{tuple(state_dict[bad[0]].shape)} from checkpoint, the shape in current "
+                                  f"model is {shape}.")
                 continue
             with torch.no_grad():
-                param.copy_(pairs[0][1] if len(pairs) == 1 and pairs[0][0] == prefix + name
-                            else torch.stack([t for _, t, _ in pairs]))
+                param.copy_(state_dict[keys[0]] if stacked else torch.stack([state_dict[k] for k in keys]))
         known = {f"{prefix}{m}.{n}" for m in self.modality_names for n in self._stacked()} | {
             prefix + n for n in self._stacked()}
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known
                                and not k.endswith("_extra_state"))
 
 
-# The parameters a MoT layer unties, with the dimensions of their tied form.
-_UNTIED_NAMES = [(re.compile(r".*\.self_attention\.linear_(?:qkv|proj)\.weight"), 2),
-                 (re.compile(r".*\.self_attention\.linear_(?:qkv|proj)\.bias"), 1),
-                 (re.compile(r".*\.(?:input|pre_mlp|post_self_attn|post_mlp)_layernorm\.(?:weight|bias)"), 1)]
+# The checkpoint tensors each MoT part unties, as (module, tensor) groups; ``_extra_state``: a Megatron
+# linear's FP8 state, which has no untied counterpart.
+UNTIED_TENSORS = {
+    "attention": re.compile(r"(.*\.self_attention\.linear_(?:qkv|proj))\.(weight|bias|_extra_state)"),
+    "norms": re.compile(r"(.*\.(?:input|pre_mlp|post_self_attn|post_mlp)_layernorm)\.(weight|bias)"),
+}
+
+
+def untied_tensor(key: str, parts: Sequence[str] = tuple(UNTIED_TENSORS)) -> Optional[Tuple[str, str, str]]:
+    """(part, module, tensor name) when checkpoint key ``key`` is a tensor one of ``parts`` unties."""
+    for part in parts:
+        match = UNTIED_TENSORS[part].fullmatch(key) if part in UNTIED_TENSORS else None
+        if match:
+            return part, match.group(1), match.group(2)
+    return None
 
 
 def per_modality_state(state: Dict[str, Any], modalities: Sequence[str]) -> Dict[str, Any]:
@@ -113,13 +124,14 @@ def per_modality_state(state: Dict[str, Any], modalities: Sequence[str]) -> Dict
     (``...linear_qkv.<modality>.weight``); tied tensors (one dimension fewer) are left as they are."""
     out = {}
     for key, value in state.items():
-        tied_dims = next((dims for pattern, dims in _UNTIED_NAMES if pattern.fullmatch(key)), None)
-        if tied_dims is not None and torch.is_tensor(value) and value.dim() == tied_dims + 1 \
-                and value.shape[0] == len(modalities):
-            prefix, _, name = key.rpartition(".")
-            out.update({f"{prefix}.{m}.{name}": t for m, t in zip(modalities, value.unbind(0))})
-        else:
-            out[key] = value
+        found = untied_tensor(key)
+        if found is not None and torch.is_tensor(value):
+            part, module, name = found
+            tied_dims = 2 if (part, name) == ("attention", "weight") else 1
+            if value.dim() == tied_dims + 1 and value.shape[0] == len(modalities):
+                out.update({f"{module}.{m}.{name}": t for m, t in zip(modalities, value.unbind(0))})
+                continue
+        out[key] = value
     return out
 
 
@@ -133,8 +145,7 @@ def _master_weights(config, init_method, out_features: int, in_features: int, di
         master = torch.empty(out_features, in_features)
         init_method(master)
         shards.append(tp_shard(master, dim, 1, rank, world))
-    device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
-    return torch.nn.Parameter(torch.stack(shards).to(device=device, dtype=config.params_dtype))
+    return torch.nn.Parameter(torch.stack(shards).to(device=init_device(config), dtype=config.params_dtype))
 
 
 class _ModalityLinear(MegatronModule, LayoutUser, PerModalityState):
@@ -166,11 +177,8 @@ class _ModalityLinear(MegatronModule, LayoutUser, PerModalityState):
                 self.bias.sequence_parallel = self.sequence_parallel
 
     def _project(self, x_SBI: Tensor) -> Tensor:
-        layout = self.require_layout()
         x_TI = x_SBI.reshape(-1, x_SBI.shape[-1])
-        if x_TI.shape[0] != layout.num_tokens:
-            raise ValueError(f"{type(self).__name__}: the modality layout has {layout.num_tokens} tokens "
-                             f"but the projection got {x_TI.shape[0]} (s*b).")
+        layout = self.require_layout(x_TI.shape[0])
         y_TO = modality_matmul(x_TI, self.weight, layout)
         return y_TO.view(*x_SBI.shape[:-1], -1)
 
@@ -235,11 +243,10 @@ class ModalityNorm(MegatronModule, LayoutUser, PerModalityState):
         self._init_modalities(config)
         self.rms = config.normalization == "RMSNorm"
         self.eps = eps
-        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
         shape = (len(self.modality_names), hidden_size)
-        self.weight = torch.nn.Parameter(torch.ones(shape, device=device, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.ones(shape, device=init_device(config), dtype=config.params_dtype))
         self.bias = None if self.rms else torch.nn.Parameter(
-            torch.zeros(shape, device=device, dtype=config.params_dtype))
+            torch.zeros(shape, device=init_device(config), dtype=config.params_dtype))
         for param in self._stacked().values():
             param.sequence_parallel = bool(config.sequence_parallel)
 

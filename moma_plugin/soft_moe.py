@@ -67,10 +67,6 @@ class SoftMoEMLP(MegatronModule, LayoutUser):
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
 
-    def routing_layout(self, layout: Optional[ModalityLayout]):
-        """Scope in which ``forward`` reads ``layout`` (``use_layout``)."""
-        return self.use_layout(layout)
-
     def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **kwargs):
         """hidden_states [s, b, H] -> (output [s, b, H], None). Under sequence parallelism the chunks
         are gathered (a slot mixes the whole sequence), the layer runs as at TP without SP, and each
@@ -97,12 +93,8 @@ class SoftMoEMLP(MegatronModule, LayoutUser):
         return dispatch_BSP, combine_BSP
 
     def _forward_tokens(self, hidden_states: Tensor, multiple_of: int = 1) -> Tensor:
-        layout = self.require_layout()
         s, b, hidden = hidden_states.shape
-        if s * b != -(-layout.num_tokens // multiple_of) * multiple_of:
-            raise ValueError(
-                f"modality layout has {layout.num_tokens} tokens but the layer got {s * b} (s*b). "
-                "Modality ids must have the same [b, s] shape as the input ids.")
+        self.require_layout(s * b, multiple_of)  # checked here; dispatch_and_combine reads it
         p = self.slots_per_expert
         x_SBH = hidden_states.float()
         weights, rows = [], []

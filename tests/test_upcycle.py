@@ -103,12 +103,13 @@ def test_upcycled_experts_are_copies_and_the_model_computes_what_its_source_does
     # The oracle: gates of 1, each token to exactly one expert (8 tokens of each modality per sample).
     monkeypatch.setattr("moma_plugin.moma_mlp.sigmoid_scores", lambda logits, noise=False: torch.ones_like(logits))
     tokens = torch.cat([torch.randint(0, 32, (2, 8)), torch.randint(32, 64, (2, 8))], dim=1)
-    modality_ids = (tokens >= 32).long()
-    positions = torch.arange(16).expand(2, 16)
+    torch.testing.assert_close(logits(after, tokens), logits(before, tokens), rtol=1e-5, atol=1e-5)
+
+
+def logits(model, tokens):
+    """The tiny model's logits of [2, 16] ``tokens`` (ids 32 and up are image tokens)."""
     with torch.no_grad():
-        expected = before(tokens, positions, None, modality_ids=modality_ids)
-        got = after(tokens, positions, None, modality_ids=modality_ids)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        return model(tokens, torch.arange(16).expand(2, 16), None, modality_ids=(tokens >= 32).long())
 
 
 # -- the upcycled phase of moma-pretrain --------------------------------------------------------------
@@ -287,18 +288,15 @@ def test_dense_upcycled_to_mot_computes_what_the_dense_model_does(megatron_singl
         assert qkv.dim() == 3 and torch.equal(qkv[0], qkv[1])
         assert torch.equal(qkv[1], state["decoder.layers.0.self_attention.linear_qkv.weight"])
     tokens = torch.randint(0, 64, (2, 16))
-    modality_ids = (tokens >= 32).long()
-    positions = torch.arange(16).expand(2, 16)
+    expected = logits(dense, tokens)
+    torch.testing.assert_close(logits(after, tokens), expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        expected = dense(tokens, positions, None, modality_ids=modality_ids)
-        got = after(tokens, positions, None, modality_ids=modality_ids)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         for name, param in after.named_parameters():  # the check can fail: image weights matter
             if name.endswith(("linear_qkv.weight", "layernorm.weight")) and ".layers." in name:
                 param[1].mul_(1.5)
             elif name.endswith("experts.fc1_weight"):
                 param[1].mul_(1.5)
-        assert not torch.allclose(after(tokens, positions, None, modality_ids=modality_ids), expected, atol=1e-3)
+    assert not torch.allclose(logits(after, tokens), expected, atol=1e-3)
 
 
 def test_moma_upcycle_dense_to_mot_and_training_continues(megatron_single_process, tmp_path):

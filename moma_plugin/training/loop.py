@@ -35,6 +35,7 @@ from ..aux_router import (
     set_aux_router_training,
 )
 from ..cli import UsageError, run_tool
+from ..config import model_label
 from ..flops import training_flops_per_token
 from ..launch import report_signal_stop
 from ..metrics import collect_routing_metrics
@@ -82,12 +83,8 @@ class RunResult:
 
 # -- the job ----------------------------------------------------------------------------------------
 def default_run_dir(args) -> Path:
-    return Path("runs") / f"{model_label(args).replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def model_label(args) -> str:
-    """'4t4i', 'dense', or with Mixture-of-Transformers parts untied 'mot 4t1i'."""
-    return f"mot {args.moma_experts}" if getattr(args, "mot", "") else args.moma_experts
+    label = model_label(args.moma_experts, args.mot).replace(" ", "-")
+    return Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_directories(args):
@@ -261,7 +258,7 @@ class PretrainJob:
                   "num_parameters": self.num_parameters, "tokens_per_iteration": self.tokens_per_iteration,
                   "args": args_for_checkpoint(args)}
         self.writer.write_file("run.json", json.dumps(record, indent=1))
-        self.say(f"{TOOL} {model_label(args)}: {self.num_parameters / 1e6:.2f}M parameters, "
+        self.say(f"{TOOL} {model_label(args.moma_experts, args.mot)}: {self.num_parameters / 1e6:.2f}M parameters, "
                  f"{args.num_layers} layers, hidden {args.hidden_size}; {parallel.world} process(es) "
                  f"(TP {parallel.tp} x " + (f"PP {parallel.pp} x " if parallel.pp > 1 else "") + f"DP {parallel.dp}"
                  + (f", experts split over EP {parallel.ep} of the DP ranks" if parallel.ep > 1 else "")

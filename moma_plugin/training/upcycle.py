@@ -43,7 +43,7 @@ import torch
 from ..cli import HelpFormatter, UsageError, run_tool
 from ..config import ExpertGroup, parse_expert_groups, parse_mot_parts
 from ..experts import per_expert_state
-from ..mot import per_modality_state
+from ..mot import per_modality_state, untied_tensor
 from . import checkpointing, tp_layout
 from .from_checkpoint import checkpoint_args
 
@@ -155,24 +155,19 @@ def upcycle_model_state(model: Dict[str, Any], plan: Dict[str, Optional[str]], t
     return out
 
 
-_UNTIED = {"attention": re.compile(r"(decoder\.layers\.\d+\.self_attention\.linear_(?:qkv|proj))\.(weight|bias|_extra_state)"),
-           "norms": re.compile(r"(decoder\.layers\.\d+\.(?:input_layernorm|pre_mlp_layernorm|post_self_attn_layernorm|"
-                               r"post_mlp_layernorm))\.(weight|bias)")}
-
-
 def untie_per_modality(model: Dict[str, Any], parts, modalities: Tuple[str, ...]) -> Dict[str, Any]:
     """``model`` with the tied tensors of the MoT ``parts`` ('attention', 'norms') copied into each
     modality's (``linear_qkv.weight`` -> ``linear_qkv.<modality>.weight`` for every modality): at the
     first step every modality computes what the tied model did. (The FFN is untied by the expert
     groups: ``upcycle_model_state``.)"""
-    patterns = [_UNTIED[part] for part in parts if part in _UNTIED]
     out = {}
     for key, value in model.items():
-        match = next((m for pattern in patterns if (m := pattern.fullmatch(key))), None)
-        if match is None:
+        found = untied_tensor(key, parts)
+        if found is None:
             out[key] = value
-        elif match.group(2) != "_extra_state":  # a Megatron linear's FP8 state: no untied counterpart
-            out.update({f"{match.group(1)}.{modality}.{match.group(2)}": value.clone() for modality in modalities})
+        elif found[2] != "_extra_state":  # a Megatron linear's FP8 state: no untied counterpart
+            _, module, name = found
+            out.update({f"{module}.{modality}.{name}": value.clone() for modality in modalities})
     return out
 
 
